@@ -1,0 +1,17 @@
+"""The one exception type users see.
+
+A ``LensError`` carries a single line that names the problem and the fix; the
+CLI prints it without a traceback and exits non-zero. Anything else escaping
+the CLI is a bug in lens.
+"""
+
+from __future__ import annotations
+
+
+class LensError(Exception):
+    """A user-facing failure: bad input, unreachable model, unwritable output."""
+
+    def __init__(self, message: str) -> None:
+        if "\n" in message:
+            message = " ".join(message.split())
+        super().__init__(message)
