@@ -1,0 +1,360 @@
+"""Layer steps, records, and the emitters that turn one into the other.
+
+An emitter is a pure function of a ``LayerStep``: emitting the same step twice
+gives equal records. Per-pass state (the copy window) is kept by the pass and
+handed to emitters inside the step, so emitters never carry state between
+passes or lenses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from lens import metrics
+from lens.config import RunConfig
+from lens.gold import GoldAnswer
+from lens.lenses import Lens
+from lens.tokens import TokenTable
+
+NEXT_TOKEN = "⟨NEXT⟩"
+PUNCT_STRIP = ".,!?;:"
+
+
+@dataclass(frozen=True, eq=False)
+class PassContext:
+    """What a pass knows before decoding: prompt, tokens, gold answers, the model head."""
+
+    prompt_id: str
+    variant: str
+    prompt: str
+    input_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    """Display text of each input position."""
+    context_ids: tuple[int, ...]
+    """The prompt tokenised without special tokens (copy detection)."""
+    gold: GoldAnswer
+    contrast_first_id: int | None
+    """First id of the positive answer, on control passes (control margin)."""
+    head_logits: Tensor
+    """(d_vocab,) the model's own logits at the last position."""
+    head_logp: Tensor
+    """(d_vocab,) their log-softmax in the analysis dtype."""
+    verbose: tuple[bool, ...]
+    """Per position: write the long top-k."""
+    n_layers: int
+    config: RunConfig
+    table: TokenTable
+    head_transform: dict[str, float | None]
+    """Logit transforms from the model config: ``scale`` and ``softcap`` (or None)."""
+
+    @property
+    def last(self) -> int:
+        return len(self.input_ids) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStep:
+    """One layer of one pass decoded by one lens."""
+
+    ctx: PassContext
+    lens: str
+    layer: int
+    resid: Tensor
+    """(seq, d_model) the residual stream after this layer."""
+    logits: Tensor
+    """(seq, d_vocab) lens logits in the analysis dtype."""
+    logp: Tensor
+    """(seq, d_vocab) log-softmax of ``logits``."""
+    entropy: Tensor
+    """(seq,) entropy in bits."""
+    top_p: Tensor
+    """(seq, K) probabilities of the top-K tokens, K = the largest top-k written."""
+    top_ids: Tensor
+    """(seq, K) their ids."""
+    window: tuple[int, ...]
+    """Top-1 ids at the last position of the last ≤ k layers, this layer's last."""
+
+
+@dataclass(frozen=True)
+class PositionRecord:
+    lens: str
+    prompt_id: str
+    variant: str
+    layer: int
+    pos: int
+    token: str
+    entropy: float
+    topk: tuple[tuple[str, float], ...]
+    rest_mass: float
+
+
+@dataclass(frozen=True)
+class NextTokenRecord:
+    lens: str
+    prompt_id: str
+    variant: str
+    layer: int
+    pos: int
+    token: str
+    entropy: float
+    topk: tuple[tuple[str, float], ...]
+    rest_mass: float
+    copy_collapse: bool
+    entropy_collapse: bool
+    is_answer: bool
+    p_top1: float
+    p_top5: float
+    p_answer: float | None
+    kl_to_final_bits: float
+    answer_rank: int | None
+    cos_to_final: float
+    control_margin: float | None
+
+
+@dataclass(frozen=True)
+class RawCheckRecord:
+    lens: str
+    layer: int
+    kl_norm_vs_raw_bits: float
+    top1_agree: bool
+    p_top1_norm: float
+    p_top1_raw: float
+    p_answer_norm: float | None
+    p_answer_raw: float | None
+    answer_rank_norm: int | None
+    answer_rank_raw: int | None
+    is_answer_norm: bool
+    is_answer_raw: bool
+
+
+@dataclass(frozen=True)
+class ConsistencyRecord:
+    lens: str
+    layer: int
+    kl_to_final_bits: float
+    top1_agree: bool
+    p_top1_lens: float
+    p_top1_model: float
+    p_answer_lens: float | None
+    answer_rank_lens: int | None
+    temp_est: float
+    kl_after_temp_bits: float
+    cfg_transform: tuple[tuple[str, float | None], ...]
+    kl_after_transform_bits: tuple[tuple[str, float | None], ...]
+    warn_high_last_layer_kl: bool
+
+
+Record = PositionRecord | NextTokenRecord | RawCheckRecord | ConsistencyRecord
+
+
+@runtime_checkable
+class Emitter(Protocol):
+    """Turns one decoded layer into records."""
+
+    def emit(self, step: LayerStep) -> Iterable[Record]: ...
+
+
+def _topk_pairs(step: LayerStep, pos: int, k: int) -> tuple[tuple[str, float], ...]:
+    ids = step.top_ids[pos, :k].tolist()
+    probs = step.top_p[pos, :k].tolist()
+    return tuple(zip(step.ctx.table.texts(ids), probs, strict=True))
+
+
+def _rest(pairs: Sequence[tuple[str, float]]) -> float:
+    return metrics.settle(max(0.0, 1.0 - math.fsum(p for _, p in pairs)))
+
+
+class PositionEmitter:
+    """Entropy and top-k at every position (top-20 where verbose, else top-5)."""
+
+    def emit(self, step: LayerStep) -> Iterable[Record]:
+        ctx = step.ctx
+        entropies = step.entropy.tolist()
+        for pos, token in enumerate(ctx.tokens):
+            k = ctx.config.topk_verbose if ctx.verbose[pos] else ctx.config.topk_brief
+            pairs = _topk_pairs(step, pos, k)
+            yield PositionRecord(step.lens, ctx.prompt_id, ctx.variant, step.layer, pos, token,
+                                 entropies[pos], pairs, _rest(pairs))
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """The last position's answer-related numbers under one distribution."""
+
+    p_top1: float
+    top1_id: int
+    p_answer: float | None
+    rank: int | None
+    is_answer: bool
+
+
+def scalars(logp: Tensor, gold: GoldAnswer, table: TokenTable) -> Scalars:
+    """p_top1, p_answer, rank and is_answer of one (d_vocab,) log-distribution."""
+    top = int(torch.argmax(logp))
+    p_top1 = float(logp[top].exp())
+    if gold.first_id is not None:
+        p_answer = float(logp[gold.first_id].exp())
+        rank = int(metrics.answer_rank(logp, gold.first_id))
+        return Scalars(p_top1, top, p_answer, rank, rank == 1)
+    return Scalars(p_top1, top, None, None, table.text(top).strip() == gold.string.strip())
+
+
+class NextTokenEmitter:
+    """The pure next-token record at the last position (SPEC §3.2)."""
+
+    def emit(self, step: LayerStep) -> Iterable[Record]:
+        ctx, cfg, last = step.ctx, step.ctx.config, step.ctx.last
+        logp = step.logp[last]
+        pairs = _topk_pairs(step, last, cfg.topk_brief)
+        s = scalars(logp, ctx.gold, ctx.table)
+        p2 = float(step.top_p[last, 1]) if step.top_p.shape[1] > 1 else 0.0
+        entropy = float(step.entropy[last])
+        margin = None
+        if ctx.contrast_first_id is not None and ctx.gold.first_id is not None:
+            margin = metrics.settle(s.p_answer - float(logp[ctx.contrast_first_id].exp()))  # type: ignore[operator]
+        yield NextTokenRecord(
+            lens=step.lens, prompt_id=ctx.prompt_id, variant=ctx.variant, layer=step.layer,
+            pos=last, token=NEXT_TOKEN, entropy=entropy, topk=pairs, rest_mass=_rest(pairs),
+            copy_collapse=metrics.copy_collapse(
+                step.window, ctx.context_ids, p_top1=s.p_top1, p_top2=p2,
+                top1_text=ctx.table.text(s.top1_id), threshold=cfg.copy_threshold,
+                margin=cfg.copy_margin, k=cfg.copy_window_k),
+            entropy_collapse=entropy <= 1.0,
+            is_answer=s.is_answer,
+            p_top1=s.p_top1,
+            p_top5=math.fsum(p for _, p in pairs[:5]),
+            p_answer=s.p_answer,
+            kl_to_final_bits=metrics.settle(metrics.kl_bits(logp, ctx.head_logp)),
+            answer_rank=s.rank,
+            cos_to_final=float(metrics.cosine(step.logits[last], ctx.head_logits.to(step.logits.dtype))),
+            control_margin=margin,
+        )
+
+
+def raw_check_layers(mode: str, n_layers: int) -> tuple[int, ...]:
+    """Layers the raw-vs-norm check samples: 0 and depth ≈ 25/50/75 %, or all."""
+    if mode == "off":
+        return ()
+    if mode == "full":
+        return tuple(range(n_layers + 1))
+    picks = (0, n_layers // 4 + 1, n_layers // 2 + 1, 3 * n_layers // 4 + 1)
+    return tuple(sorted({min(p, n_layers) for p in picks}))
+
+
+class RawLensCheck:
+    """Compare the step's lens with the raw (un-normalised) lens at sampled layers."""
+
+    def __init__(self, raw: Lens) -> None:
+        self.raw = raw
+
+    def emit(self, step: LayerStep) -> Iterable[Record]:
+        ctx = step.ctx
+        if step.layer not in raw_check_layers(ctx.config.raw_lens, ctx.n_layers):
+            return
+        last = ctx.last
+        raw_logits = self.raw.forward(step.resid[last:last + 1], step.layer)[0]
+        raw_logp = metrics.log_probs(raw_logits, step.logp.dtype)
+        norm = scalars(step.logp[last], ctx.gold, ctx.table)
+        raw = scalars(raw_logp, ctx.gold, ctx.table)
+        yield RawCheckRecord(
+            lens=step.lens, layer=step.layer,
+            kl_norm_vs_raw_bits=metrics.settle(metrics.kl_bits(step.logp[last], raw_logp)),
+            top1_agree=norm.top1_id == raw.top1_id,
+            p_top1_norm=norm.p_top1, p_top1_raw=raw.p_top1,
+            p_answer_norm=norm.p_answer, p_answer_raw=raw.p_answer,
+            answer_rank_norm=norm.rank, answer_rank_raw=raw.rank,
+            is_answer_norm=norm.is_answer, is_answer_raw=raw.is_answer,
+        )
+
+
+TEMPERATURES = torch.logspace(-1, 1, 25, dtype=torch.float64)
+
+
+class LastLayerConsistency:
+    """At the last layer: the lens against the model's own head (SPEC §6)."""
+
+    def emit(self, step: LayerStep) -> Iterable[Record]:
+        ctx = step.ctx
+        if step.layer != ctx.n_layers:
+            return
+        last = ctx.last
+        z = step.logits[last]
+        logp = step.logp[last]
+        target = ctx.head_logp.to(logp.dtype)
+        kl = metrics.settle(metrics.kl_bits(logp, target))
+        lens_s = scalars(logp, ctx.gold, ctx.table)
+        head_s = scalars(target, ctx.gold, ctx.table)
+        temps = TEMPERATURES.to(device=z.device, dtype=z.dtype)
+        kls = metrics.kl_bits(torch.log_softmax(z[None, :] / temps[:, None], dim=-1), target[None, :])
+        best = int(torch.argmin(kls))
+        scale, softcap = ctx.head_transform.get("scale"), ctx.head_transform.get("softcap")
+
+        def kl_after(transformed: Tensor | None) -> float | None:
+            if transformed is None:
+                return None
+            return metrics.settle(metrics.kl_bits(torch.log_softmax(transformed, dim=-1), target))
+
+        scaled = z / scale if scale else None
+        capped = torch.tanh(z / softcap) * softcap if softcap else None
+        both = torch.tanh((z / scale) / softcap) * softcap if scale and softcap else None
+        yield ConsistencyRecord(
+            lens=step.lens, layer=step.layer, kl_to_final_bits=kl,
+            top1_agree=lens_s.top1_id == head_s.top1_id,
+            p_top1_lens=lens_s.p_top1, p_top1_model=head_s.p_top1,
+            p_answer_lens=lens_s.p_answer, answer_rank_lens=lens_s.rank,
+            temp_est=float(temps[best]), kl_after_temp_bits=metrics.settle(kls[best]),
+            cfg_transform=(("scale", scale), ("softcap", softcap)),
+            kl_after_transform_bits=(("scale", kl_after(scaled)), ("softcap", kl_after(capped)),
+                                     ("scale_then_softcap", kl_after(both))),
+            warn_high_last_layer_kl=kl > 0.5,
+        )
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """Feed ``inner`` with the steps of another lens; its records carry that lens's name.
+
+    The pass decodes every lens named by a sidecar, keeping a copy window per
+    lens, so the Prism sidecar is the same emitters under a different lens.
+    """
+
+    lens: Lens
+    inner: Emitter
+
+    def emit(self, step: LayerStep) -> Iterable[Record]:
+        if step.lens != self.lens.name:
+            return ()
+        return self.inner.emit(step)
+
+
+def record_values(record: Record) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def check_emitter(emitter: object, step: LayerStep) -> list[Record]:
+    """Conformance check: the protocol, purity, untouched tensors, serialisable records.
+
+    Raises ``TypeError``/``AssertionError``-free ``ValueError`` with what failed.
+    """
+    emit = getattr(emitter, "emit", None)
+    if not callable(emit) or not isinstance(emitter, Emitter):
+        raise ValueError(f"{type(emitter).__name__} has no emit(step) method")
+    snapshot = [t.clone() for t in (step.resid, step.logits, step.logp, step.top_p)]
+    first = list(emit(step))
+    second = list(emit(step))
+    if first != second:
+        raise ValueError(f"{type(emitter).__name__}.emit is not pure: two calls differ")
+    for before, after in zip(snapshot, (step.resid, step.logits, step.logp, step.top_p), strict=True):
+        if not torch.equal(before, after):
+            raise ValueError(f"{type(emitter).__name__}.emit modified the step's tensors")
+    for rec in first:
+        for name, value in record_values(rec).items():
+            if isinstance(value, Tensor):
+                raise ValueError(f"{type(rec).__name__}.{name} is a tensor, not a plain value")
+    return first

@@ -1,0 +1,136 @@
+"""Architecture-aware normalisation for the norm lens (SPEC §2).
+
+A norm is recognised by what the module *does*, not by its class name: the
+baseline missed TransformerLens' own LayerNorm class and decoded GPT-2 with RMS
+scaling. We probe the module once with fixed inputs: if adding a constant to
+the input leaves the output unchanged it centres (LayerNorm), otherwise it is
+an RMSNorm; the extracted ``γ``, ``β`` and ``eps`` must then reproduce the
+module's own output, else we refuse rather than decode with the wrong maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lens.errors import LensError
+
+NormKind = Literal["LayerNorm", "RMSNorm"]
+Architecture = Literal["pre_norm", "post_norm"]
+
+
+@dataclass(frozen=True, eq=False)
+class NormSpec:
+    """A normalisation as maths: ``kind``, scale ``weight`` (γ), ``bias`` (β), ``eps``.
+
+    ``weight_offset`` is 1 for norms that scale by ``1 + γ`` (Gemma style).
+    """
+
+    kind: NormKind
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    weight_offset: float = 0.0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` (..., d_model); statistics in at least fp32, result in ``x.dtype``."""
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(stats_dtype)
+        if self.kind == "LayerNorm":
+            h = h - h.mean(dim=-1, keepdim=True)
+            h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            h = h * (self.weight.to(stats_dtype) + self.weight_offset)
+        if self.bias is not None:
+            h = h + self.bias.to(stats_dtype)
+        return h.to(x.dtype)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The library module behind a TransformerLens bridge component (or itself)."""
+    for attr in ("original_component", "_original_component"):
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return module
+
+
+def _param(module: nn.Module, names: Sequence[str]) -> Tensor | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, Tensor):
+            return value.detach()
+    return None
+
+
+def _eps(module: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "rms_norm_eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, int | float):
+            return float(value)
+    return 1e-5
+
+
+def describe_norm(module: nn.Module) -> NormSpec:
+    """Recognise ``module`` as a LayerNorm or an RMSNorm by probing its behaviour."""
+    inner = unwrap(module)
+    weight = _param(inner, ("weight", "scale", "gamma", "g"))
+    bias = _param(inner, ("bias", "beta", "b"))
+    ref = weight if weight is not None else bias
+    if ref is None:
+        raise LensError(f"cannot read the size of norm module {type(inner).__name__}")
+    d = ref.shape[-1]
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, d, generator=gen, dtype=torch.float64) * 3 + 1.5).to(ref.dtype)
+    x = x.to(ref.device)
+    with torch.no_grad():
+        y = inner(x)
+        shifted = inner(x + 2.0)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if ref.dtype in (torch.float16, torch.bfloat16) else {
+        "rtol": 1e-4, "atol": 1e-5}
+    kind: NormKind = "LayerNorm" if torch.allclose(y, shifted, **tol) else "RMSNorm"
+    eps = _eps(inner)
+    for offset in (0.0, 1.0):
+        spec = NormSpec(kind=kind, weight=weight, bias=bias, eps=eps, weight_offset=offset)
+        if torch.allclose(spec(x), y, **tol):
+            return spec
+    raise LensError(
+        f"unsupported normalisation module {type(inner).__name__}: it behaves like neither "
+        "LayerNorm nor RMSNorm with its own parameters; the norm lens cannot decode this model"
+    )
+
+
+def classify_block_order(calls: Sequence[str]) -> Architecture:
+    """Pre-norm iff a block calls ``ln1`` before its attention (ln1 → attn → ln2 → mlp).
+
+    ``calls`` is the order in which the block's ``ln1``/``attn``/``ln2``/``mlp``
+    ran during a forward pass. In a post-norm block the norms follow the
+    sublayers they close (attn → ln1 → mlp → ln2).
+    """
+    if "attn" not in calls or "ln1" not in calls:
+        raise LensError(f"cannot tell pre-norm from post-norm: block ran {list(calls)}")
+    return "pre_norm" if calls.index("ln1") < calls.index("attn") else "post_norm"
+
+
+def norm_for_layer(
+    layer: int, *, architecture: Architecture, ln1: Sequence[nn.Module],
+    ln2: Sequence[nn.Module], ln_final: nn.Module,
+) -> nn.Module:
+    """The module the model itself applies next to the residual of ``layer`` (SPEC §2).
+
+    Layer 0 is the embedding; layer ``i`` ≥ 1 is the residual after block ``i-1``.
+    """
+    n_layers = len(ln1)
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer must be in [0, {n_layers}], got {layer}")
+    if layer == 0:
+        return ln1[0]
+    if architecture == "post_norm":
+        return ln2[layer - 1]
+    return ln1[layer] if layer < n_layers else ln_final

@@ -1,0 +1,204 @@
+"""Passes: one prompt variant, one forward, every layer decoded by every lens.
+
+``Pass.run`` is the template method (final: do not override). A subclass says
+only which prompt and gold answer it uses and which emitters it feeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lens import metrics
+from lens.config import Fact, RunConfig
+from lens.emitters import (
+    Emitter,
+    LastLayerConsistency,
+    LayerStep,
+    NextTokenEmitter,
+    PassContext,
+    PositionEmitter,
+    RawLensCheck,
+    Record,
+    Sidecar,
+)
+from lens.gold import GoldAnswer, align, encode
+from lens.lenses import Lens, RawLens
+from lens.model import Capture, LoadedModel, capture, tokenize
+from lens.tokens import TokenTable
+from lens.unembed import analysis_dtype
+from lens.windows import RollingWindow
+
+PUNCT_STRIP = ".,!?;:"
+CHUNK_ELEMENTS = 1 << 25
+"""Decode at most this many logits (layers × positions × vocab) per matmul."""
+
+
+@dataclass(frozen=True, eq=False)
+class PassResult:
+    ctx: PassContext
+    records: tuple[Record, ...]
+    capture: Capture
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """What every pass of one model shares: the model, its lenses and the run config."""
+
+    model: LoadedModel
+    lens: Lens
+    """The primary lens."""
+    raw: RawLens
+    config: RunConfig
+    table: TokenTable
+    head_transform: dict[str, float | None]
+    sidecar_lenses: tuple[Lens, ...] = ()
+    """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
+
+
+def is_verbose(token: str, words: Sequence[str]) -> bool:
+    """Whether a position gets the long top-k: its token contains an important word."""
+    text = token.strip().strip(PUNCT_STRIP).lower()
+    return bool(text) and any(w.lower() in text for w in words)
+
+
+class Pass:
+    """One prompt variant of one fact."""
+
+    prompt_id = "pos"
+    variant = "orig"
+
+    def __init__(self, fact: Fact) -> None:
+        self.fact = fact
+
+    def prompt(self) -> str:
+        return self.fact.prompt
+
+    def answer(self) -> str:
+        return self.fact.answer
+
+    def contrast_answer(self) -> str | None:
+        """The other answer whose probability the control margin subtracts."""
+        return None
+
+    def record_emitters(self) -> list[Emitter]:
+        """Emitters whose records go to the CSVs; sidecar lenses get them too."""
+        return [NextTokenEmitter()]
+
+    def checks(self, analysis: Analysis) -> list[Emitter]:
+        """Emitters that only the primary lens feeds (lens checks)."""
+        return []
+
+    def emitters(self, analysis: Analysis) -> list[Emitter]:
+        records = self.record_emitters()
+        sidecars = [Sidecar(lens, e) for lens in analysis.sidecar_lenses for e in records]
+        return [*records, *self.checks(analysis), *sidecars]
+
+    def context(self, analysis: Analysis, cap: Capture, ids: list[int]) -> PassContext:
+        model, table = analysis.model, analysis.table
+        prompt = self.prompt()
+        gold = align(model.tokenizer, table, prompt, self.answer())
+        contrast = self.contrast_answer()
+        contrast_gold = align(model.tokenizer, table, prompt, contrast) if contrast else None
+        tokens = tuple(table.texts(ids))
+        head_logits = cap.head_logits[-1].to(analysis_dtype(model.dtype))
+        words = self.fact.important_words
+        return PassContext(
+            prompt_id=self.prompt_id, variant=self.variant, prompt=prompt,
+            input_ids=tuple(ids), tokens=tokens,
+            context_ids=tuple(encode(model.tokenizer, prompt)),
+            gold=gold, contrast_first_id=contrast_gold.first_id if contrast_gold else None,
+            head_logits=head_logits, head_logp=torch.log_softmax(head_logits, dim=-1),
+            verbose=tuple(i == len(ids) - 1 or is_verbose(t, words) for i, t in enumerate(tokens)),
+            n_layers=model.n_layers, config=analysis.config, table=table,
+            head_transform=analysis.head_transform,
+        )
+
+    def run(self, analysis: Analysis) -> PassResult:
+        """Forward once, decode every layer with every lens, feed the emitters. Final."""
+        model = analysis.model
+        ids = tokenize(model, self.prompt())
+        cap = capture(model, ids)
+        ctx = self.context(analysis, cap, ids)
+        emitters = self.emitters(analysis)
+        records: list[Record] = []
+        for lens in (analysis.lens, *analysis.sidecar_lenses):
+            fed = [e for e in emitters
+                   if (e.lens.name if isinstance(e, Sidecar) else analysis.lens.name) == lens.name]
+            for step in decode_steps(ctx, lens, cap.resids):
+                for emitter in fed:
+                    records.extend(emitter.emit(step))
+        return PassResult(ctx=ctx, records=tuple(records), capture=cap)
+
+
+class OrigPass(Pass):
+    """pos/orig: per-position records, pure next-token records, raw check, consistency."""
+
+    def record_emitters(self) -> list[Emitter]:
+        return [PositionEmitter(), NextTokenEmitter()]
+
+    def checks(self, analysis: Analysis) -> list[Emitter]:
+        return [RawLensCheck(analysis.raw), LastLayerConsistency()]
+
+
+class NoFillerPass(Pass):
+    """pos/no_filler: the stylistic ablation (filler word dropped)."""
+
+    variant = "no_filler"
+
+    def prompt(self) -> str:
+        return self.fact.no_filler or self.fact.prompt
+
+
+class ControlPass(Pass):
+    """ctl/orig: the negative control; records carry the control margin."""
+
+    prompt_id = "ctl"
+
+    def prompt(self) -> str:
+        assert self.fact.control is not None
+        return self.fact.control.prompt
+
+    def answer(self) -> str:
+        assert self.fact.control is not None
+        return self.fact.control.answer
+
+    def contrast_answer(self) -> str | None:
+        return self.fact.answer
+
+
+def passes_for(fact: Fact) -> list[Pass]:
+    """The passes a fact asks for, in output order."""
+    passes: list[Pass] = [OrigPass(fact)]
+    if fact.no_filler:
+        passes.append(NoFillerPass(fact))
+    if fact.control:
+        passes.append(ControlPass(fact))
+    return passes
+
+
+def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:
+    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer."""
+    n_layers, seq, _ = resids.shape
+    vocab = lens.unembed.d_vocab
+    dtype = ctx.head_logp.dtype
+    k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, seq * vocab))
+    window = RollingWindow(ctx.config.copy_window_k)
+    for start in range(0, n_layers, per_chunk):
+        layers = list(range(start, min(n_layers, start + per_chunk)))
+        logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = metrics.entropy_bits(logp)
+        top_logp, top_ids = torch.topk(logp, k, dim=-1)
+        top_p = top_logp.exp()
+        last_top1 = top_ids[:, -1, 0].tolist()
+        for i, layer in enumerate(layers):
+            yield LayerStep(
+                ctx=ctx, lens=lens.name, layer=layer, resid=resids[layer], logits=logits[i],
+                logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
+                window=window.push(last_top1[i]),
+            )

@@ -1,0 +1,216 @@
+"""One model, one probe: run the passes, summarise, and build the output files.
+
+``analyse`` returns everything as plain values; ``output_files`` turns them into
+canonical bytes keyed by file name. The CLI and the golden tests call both.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lens import summaries
+from lens.config import Fact, Probe, RunConfig
+from lens.emitters import (
+    ConsistencyRecord,
+    NextTokenRecord,
+    PositionRecord,
+    RawCheckRecord,
+    Record,
+)
+from lens.lenses import NormLens, RawLens
+from lens.metrics import entropy_bits
+from lens.model import LoadedModel, head_logits, tokenize
+from lens.passes import Analysis, PassResult, passes_for
+from lens.prism import prism_summary
+from lens.tokens import TokenTable
+from lens.unembed import Unembed, analysis_dtype, unembed_dtype
+from lens.writers import csv_bytes, json_bytes
+
+TOPK_SLOTS = 20
+SCALE_KEYS = ("final_logit_scale", "logit_scale", "final_logits_scale")
+SOFTCAP_KEYS = ("final_logit_softcap", "logit_softcap", "final_logits_softcap", "softcap")
+PURE_EXTRA = ("copy_collapse", "entropy_collapse", "is_answer", "p_top1", "p_top5", "p_answer",
+              "kl_to_final_bits", "answer_rank", "cos_to_final", "control_margin")
+RECORDS_HEADER = (
+    "prompt_id", "prompt_variant", "layer", "pos", "token", "entropy",
+    *(f"{kind}{i}" for i in range(1, TOPK_SLOTS + 1) for kind in ("top", "prob")),
+    "rest_mass",
+)
+PURE_HEADER = (*RECORDS_HEADER, *PURE_EXTRA)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRun:
+    """Everything one model's run produced, before it becomes bytes."""
+
+    model: LoadedModel
+    records: tuple[Record, ...]
+    report: dict[str, Any]
+    passes: tuple[PassResult, ...]
+
+
+def head_transform(hf_config: Any) -> dict[str, float | None]:
+    """Logit scale and softcap declared by the model config (SPEC §6)."""
+    def first(keys: Sequence[str]) -> float | None:
+        for key in keys:
+            value = getattr(hf_config, key, None)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value:
+                return float(value)
+        return None
+
+    return {"scale": first(SCALE_KEYS), "softcap": first(SOFTCAP_KEYS)}
+
+
+def build_analysis(model: LoadedModel, config: RunConfig) -> Analysis:
+    """Lenses and shared state for every pass of ``model``."""
+    unembed = Unembed(model.W_U, model.b_U,
+                      dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
+    return Analysis(
+        model=model, lens=NormLens(unembed, model.norms), raw=RawLens(unembed), config=config,
+        table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
+    )
+
+
+def _topk_json(table: TokenTable, logp: torch.Tensor, k: int) -> list[list[Any]]:
+    top_logp, top_ids = torch.topk(logp, min(k, logp.shape[-1]))
+    return [[t, p] for t, p in zip(table.texts(top_ids.tolist()), top_logp.exp().tolist(),
+                                   strict=True)]
+
+
+def _head_entry(kind: str, table: TokenTable, logits: torch.Tensor, k: int, dtype: torch.dtype,
+                **extra: Any) -> dict[str, Any]:
+    logp = torch.log_softmax(logits.to(dtype), dim=-1)
+    return {"type": kind, **extra, "entropy": float(entropy_bits(logp)),
+            "topk": _topk_json(table, logp, k)}
+
+
+def _norm_name(spec: Any) -> str:
+    return str(spec.kind)
+
+
+def analyse(model: LoadedModel, probe: Probe, config: RunConfig) -> ModelRun:
+    """Run every pass of the probe's first fact and assemble the JSON report."""
+    fact = probe.facts[0]
+    analysis = build_analysis(model, config)
+    results = tuple(p.run(analysis) for p in passes_for(fact))
+    records = tuple(r for res in results for r in res.records)
+    return ModelRun(model=model, records=records, report=_report(model, fact, analysis, results),
+                    passes=results)
+
+
+def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str) -> list[NextTokenRecord]:
+    return [r for res in results for r in res.records
+            if isinstance(r, NextTokenRecord) and r.lens == lens
+            and r.prompt_id == prompt_id and r.variant == variant]
+
+
+def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
+            results: Sequence[PassResult]) -> dict[str, Any]:
+    config, table, lens = analysis.config, analysis.table, analysis.lens.name
+    orig = results[0]
+    dtype = analysis_dtype(model.dtype)
+    orig_records = [r for r in orig.records if r.lens == lens]
+    raw_samples = [r for r in orig_records if isinstance(r, RawCheckRecord)]
+    consistency = next((r for r in orig_records if isinstance(r, ConsistencyRecord)), None)
+    pure_orig = _pure(results, lens, "pos", "orig")
+    ln0, ln_final = model.norms[0], model.norms[-1]
+    shadow = analysis.lens.unembed.is_shadow
+    diagnostics: dict[str, Any] = {
+        "type": "diagnostics",
+        "model": model.model_id,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "use_norm_lens": True,
+        "use_fp32_unembed": shadow,
+        "unembed_dtype": str(analysis.lens.unembed.dtype),
+        "first_block_ln1_type": _norm_name(ln0),
+        "final_ln_type": _norm_name(ln_final),
+        "layernorm_bias_fix": "active" if ln0.kind == "LayerNorm" else "not_needed_rms_model",
+        "norm_alignment_fix": ("using_next_ln1_then_ln_final" if model.architecture == "pre_norm"
+                               else "using_same_block_ln2"),
+        "layer0_norm_fix": "using_real_ln1_on_embeddings",
+        "mixed_precision_fix": "casting_to_fp32_before_unembed" if shadow else "not_needed",
+        "layer0_position_info": ("additive_pos_embed_included" if model.additive_positions
+                                 else "token_only_rotary_model"),
+        "context_prompt": orig.ctx.prompt,
+        "target_prediction": fact.answer,
+        "gold_alignment": orig.ctx.gold.status,
+        "prism_summary": prism_summary(config, model),
+        "last_layer_consistency": summaries.consistency_summary(consistency),
+        "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
+        **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
+                                     copy_window_k=config.copy_window_k),
+    }
+    report: dict[str, Any] = {
+        "prompt": {"type": "prompt", "context_prompt": orig.ctx.prompt,
+                   "ground_truth": fact.answer},
+        "diagnostics": diagnostics,
+        "gold_answer": orig.ctx.gold.as_json(),
+        "ablation_summary": summaries.ablation_summary(
+            pure_orig, _pure(results, lens, "pos", "no_filler")),
+    }
+    control = next((res for res in results if res.ctx.prompt_id == "ctl"), None)
+    if control is not None:
+        report["control_prompt"] = {"context_prompt": control.ctx.prompt,
+                                    "gold_answer": control.ctx.gold.as_json(),
+                                    "gold_alignment": control.ctx.gold.status}
+        report["control_summary"] = summaries.control_summary(_pure(results, lens, "ctl", "orig"))
+    head = orig.ctx.head_logits
+    report["final_prediction"] = _head_entry("final_prediction", table, head, 20, dtype)
+    report["test_prompts"] = [
+        _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype, prompt=p)
+        for p in fact.test_prompts
+    ]
+    report["temperature_exploration"] = [
+        _head_entry("temperature_exploration", table, head / t, 15, dtype, temperature=t)
+        for t in (0.1, 2.0)
+    ]
+    report["model_stats"] = {
+        "type": "model_stats", "num_layers": model.n_layers, "d_model": model.d_model,
+        "n_heads": model.n_heads, "d_vocab": model.d_vocab, "n_ctx": model.n_ctx,
+        "architecture": model.architecture,
+    }
+    return report
+
+
+def _prefix(r: PositionRecord | NextTokenRecord) -> list[Any]:
+    cells: list[Any] = [r.prompt_id, r.variant, r.layer, r.pos, r.token, r.entropy]
+    for i in range(TOPK_SLOTS):
+        cells.extend(r.topk[i] if i < len(r.topk) else (None, None))
+    cells.append(r.rest_mass)
+    return cells
+
+
+def records_csv(records: Sequence[Record], lens: str) -> bytes:
+    rows = [_prefix(r) for r in records if isinstance(r, PositionRecord) and r.lens == lens]
+    return csv_bytes(RECORDS_HEADER, rows)
+
+
+def pure_csv(records: Sequence[Record], lens: str) -> bytes:
+    rows = [[*_prefix(r), *(getattr(r, f) for f in PURE_EXTRA)]
+            for r in records if isinstance(r, NextTokenRecord) and r.lens == lens]
+    return csv_bytes(PURE_HEADER, rows)
+
+
+def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
+    """File name → canonical bytes for one model's run (SPEC §8)."""
+    name = run.model.name
+    files = {
+        f"output-{name}.json": json_bytes(run.report),
+        f"output-{name}-records.csv": records_csv(run.records, "norm"),
+        f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm"),
+    }
+    if any(r.lens == "prism" for r in run.records):
+        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism")
+        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism")
+    if config.keep_residuals:
+        buffer = io.BytesIO()
+        torch.save({f"{p.ctx.prompt_id}/{p.ctx.variant}": p.capture.resids.cpu()
+                    for p in run.passes}, buffer)
+        files[f"output-{name}-residuals.pt"] = buffer.getvalue()
+    return files

@@ -1,0 +1,188 @@
+"""Canonical bytes for results: the same data always gives the same bytes.
+
+Floats are written with ``FLOAT_SIG_DIGITS`` (10) significant digits, as
+``format(x, ".10g")`` gives them (shortest form of that rounding, Python's
+exponent form such as ``1e-05``), ``-0`` written as ``0``, and values whose
+rounding would overflow float64 rounded down to ``1.797693134e+308``. Non-finite
+values become an empty CSV cell or JSON ``null``. Why: float64 results from
+different CPU kernels (BLAS builds, SIMD widths, thread counts) differ in the
+last bits but agree to 10 significant digits, so the text is stable across
+machines while raw float bits are not.
+
+CSV dialect: delimiter ``,``, quotechar ``"``, quotes doubled inside quoted
+cells, escapechar ``\\``, line terminator ``\\n``, UTF-8. A cell is quoted iff
+it contains ``,`` ``"`` ``\\`` ``\\r`` or ``\\n``, starts or ends with
+whitespace, or is the only (empty) cell of its row; inside quotes a backslash is
+written as ``\\\\``. The cells are quoted by this module rather than by
+``csv.writer``, which (Python 3.11, lineterminator ``\\n``) leaves a lone
+``\\r`` unquoted and so splits the row on reading. Files read back unchanged
+with :func:`read_csv_rows` and with::
+
+    pandas.read_csv(io.BytesIO(data), escapechar="\\\\", keep_default_na=False,
+                    dtype=str, encoding="utf-8")
+
+An empty-string cell and a ``None`` cell both read back as ``""``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FLOAT_SIG_DIGITS = 10
+
+_FLOAT_FORMAT = f".{FLOAT_SIG_DIGITS}g"
+_MAX_ROUNDED = 1.797693134e308
+_QUOTE_CHARS = frozenset(',"\\\r\n')
+
+
+_DIALECT = {
+    "delimiter": ",", "quotechar": '"', "doublequote": True, "escapechar": "\\",
+    "lineterminator": "\n", "quoting": csv.QUOTE_MINIMAL, "skipinitialspace": False,
+}
+
+
+def format_float(x: float) -> str | None:
+    """Return ``format(x, ".10g")`` with ``-0`` as ``0``; None for nan and inf."""
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    if x == 0.0:
+        return "0"
+    text = format(x, _FLOAT_FORMAT)
+    if math.isinf(float(text)):
+        return format(math.copysign(_MAX_ROUNDED, x), _FLOAT_FORMAT)
+    return text
+
+
+def _cell_text(value: object) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    text = _scalar_json(value)
+    return "" if text == "null" else text
+
+
+def _quote(text: str, alone: bool) -> str:
+    if (
+        not _QUOTE_CHARS.isdisjoint(text)
+        or (text and (text[0].isspace() or text[-1].isspace()))
+        or (alone and not text)
+    ):
+        return '"' + text.replace("\\", "\\\\").replace('"', '""') + '"'
+    return text
+
+
+def _csv_line(cells: Sequence[object]) -> str:
+    alone = len(cells) == 1
+    return ",".join(_quote(_cell_text(c), alone) for c in cells) + "\n"
+
+
+def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
+    """Return one CSV file in the canonical dialect.
+
+    Args:
+        header: Column names.
+        rows: Rows of cells: None, bool, int, float, numpy scalars or str.
+
+    Raises:
+        ValueError: A row's length differs from the header's.
+        TypeError: A cell has an unsupported type.
+    """
+    lines = [_csv_line(header)]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, header has {len(header)}")
+        lines.append(_csv_line(row))
+    return "".join(lines).encode("utf-8")
+
+
+def read_csv_rows(data: bytes) -> list[list[str]]:
+    """Read CSV bytes in the canonical dialect; the header row is included."""
+    return list(csv.reader(io.StringIO(data.decode("utf-8"), newline=""), **_DIALECT))
+
+
+def _scalar_json(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool | np.bool_):
+        return "true" if value else "false"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return format_float(value) or "null"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"cannot write {type(value).__name__}: not a str, number, bool or None")
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | bool | int | float | np.generic)
+
+
+def _is_flat(items: list | tuple) -> bool:
+    return all(
+        _is_scalar(v) or (isinstance(v, list | tuple) and all(_is_scalar(w) for w in v))
+        for v in items
+    )
+
+
+def _block(parts: list[str], level: int, opening: str, closing: str) -> str:
+    pad = "  " * level
+    return f"{opening}\n" + ",\n".join(f"{pad}  {p}" for p in parts) + f"\n{pad}{closing}"
+
+
+def _json(value: object, level: int) -> str:
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"JSON keys must be str, got {type(key).__name__}")
+        parts = [
+            f"{json.dumps(k, ensure_ascii=False)}: {_json(v, level + 1)}" for k, v in value.items()
+        ]
+        return _block(parts, level, "{", "}") if parts else "{}"
+    if isinstance(value, list | tuple):
+        if _is_flat(value):
+            return "[" + ", ".join(_json(v, level) for v in value) + "]"
+        return _block([_json(v, level + 1) for v in value], level, "[", "]")
+    return _scalar_json(value)
+
+
+def json_bytes(obj: object) -> bytes:
+    """Return canonical JSON: indent 2, keys in insertion order, UTF-8, final newline.
+
+    Lists of scalars, or of lists of scalars, go on one line (``[["a", 0.5]]``).
+
+    Raises:
+        TypeError: A dict key is not str, or a value has an unsupported type.
+    """
+    return (_json(obj, 0) + "\n").encode("utf-8")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers never see a torn file.
+
+    Writes a hidden temp file in the same directory, fsyncs it, then
+    ``os.replace``-s it onto ``path``; on failure the temp file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
