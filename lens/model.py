@@ -24,6 +24,7 @@ from torch import Tensor
 from lens.config import SEED
 from lens.errors import LensError
 from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
+from lens.precision import model_precision
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -169,7 +170,7 @@ def _block_order(bridge: Any, probe_id: int) -> Architecture:
         for name in ("ln1", "attn", "ln2", "mlp") if hasattr(block, name)
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), model_precision(bridge.cfg.dtype):
             bridge(torch.tensor([[probe_id]], device=bridge.cfg.device))
     finally:
         for h in handles:
@@ -195,7 +196,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
     n_params = _estimate_params(hf_config)
     dt = pick_dtype(dtype, dev, model_id, n_params)
     try:
-        with _quiet():
+        with _quiet(), model_precision(dt):
             bridge = TransformerBridge.boot_transformers(source, device=str(dev), dtype=dt,
                                                          tokenizer=tokenizer)
     except Exception as exc:  # noqa: BLE001
@@ -264,7 +265,7 @@ def capture(model: LoadedModel, ids: list[int]) -> Capture:
     if model.additive_positions:
         names.add("hook_pos_embed")
     tokens = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
+    with torch.no_grad(), model_precision(model.dtype):
         logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda h: h in names)
     layer0 = cache["hook_embed"]
     if model.additive_positions:
@@ -275,7 +276,7 @@ def capture(model: LoadedModel, ids: list[int]) -> Capture:
 
 def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
     """(d_vocab,) the model's own logits at the last position of ``ids``."""
-    with torch.no_grad():
+    with torch.no_grad(), model_precision(model.dtype):
         return model.bridge(torch.tensor([ids], device=model.device))[0, -1].detach()
 
 
