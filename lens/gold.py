@@ -40,12 +40,21 @@ def encode(tokenizer: object, text: str) -> list[int]:
 
 
 def align(tokenizer: object, table: TokenTable, prompt: str, answer: str) -> GoldAnswer:
-    """Align ``answer`` after ``prompt``: ``ctx`` must be a strict prefix of the joint encoding."""
+    """Align ``answer`` after ``prompt``: ``ctx`` must be a strict prefix of the joint encoding.
+
+    An answer the tokenizer can only spell with its unknown token is unresolved:
+    the probability of ``<unk>`` says nothing about the answer.
+    """
+    if not answer.strip():
+        return GoldAnswer(string=answer)
+    unk = getattr(tokenizer, "unk_token_id", None)
     ctx = encode(tokenizer, prompt)
     for variant, joined in (("with_space", f"{prompt} {answer}"), ("no_space", prompt + answer)):
         ids = encode(tokenizer, joined)
         if len(ids) > len(ctx) and ids[: len(ctx)] == ctx:
             answer_ids = tuple(ids[len(ctx):])
+            if unk is not None and unk in answer_ids:
+                break
             return GoldAnswer(
                 string=answer,
                 pieces=tuple(table.texts(answer_ids[:4])),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import string
+import unicodedata
 from collections.abc import Sequence
 
 import torch
@@ -57,8 +58,9 @@ def is_contiguous_subsequence(window: Sequence[int], context: Sequence[int]) -> 
 
 
 def is_blank_or_punct(text: str) -> bool:
-    """True when a token decodes to only whitespace and/or punctuation."""
-    return all(ch.isspace() or ch in _PUNCT for ch in text)
+    """True when a token decodes to only whitespace and/or punctuation (any script)."""
+    return all(ch.isspace() or ch in _PUNCT or unicodedata.category(ch).startswith("P")
+               for ch in text)
 
 
 def copy_collapse(

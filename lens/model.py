@@ -210,7 +210,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
         describe_norm(norm_for_layer(
             layer, architecture=architecture, ln1=[b.ln1 for b in blocks],
             ln2=[b.ln2 for b in blocks], ln_final=bridge.ln_final,
-        ))
+        ), d_model=int(cfg.d_model), dtype=dt, device=dev)
         for layer in range(n_layers + 1)
     )
     return LoadedModel(

@@ -69,36 +69,52 @@ def _param(module: nn.Module, names: Sequence[str]) -> Tensor | None:
     return None
 
 
-def _eps(module: nn.Module) -> float:
+def _eps(module: nn.Module, dtype: torch.dtype) -> float:
     for name in ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "rms_norm_eps"):
         value = getattr(module, name, None)
-        if isinstance(value, int | float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    return 1e-5
+    return float(torch.finfo(dtype).eps)  # torch.nn.RMSNorm's eps=None
 
 
-def describe_norm(module: nn.Module) -> NormSpec:
-    """Recognise ``module`` as a LayerNorm or an RMSNorm by probing its behaviour."""
+def _size(module: nn.Module, ref: Tensor | None, d_model: int | None) -> int:
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple | list) and shape:
+        return int(shape[-1])
+    if ref is not None:
+        return int(ref.shape[-1])
+    if d_model is not None:
+        return d_model
+    raise LensError(f"cannot read the size of norm module {type(module).__name__}")
+
+
+def describe_norm(module: nn.Module, *, d_model: int | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> NormSpec:
+    """Recognise ``module`` as a LayerNorm or an RMSNorm by probing its behaviour.
+
+    Probes at two scales (rms ≈ 3 and ≈ 1e-3) so that a wrong ``eps`` shows up.
+    ``d_model``/``dtype``/``device`` are needed only for norms without parameters.
+    """
     inner = unwrap(module)
     weight = _param(inner, ("weight", "scale", "gamma", "g"))
     bias = _param(inner, ("bias", "beta", "b"))
     ref = weight if weight is not None else bias
-    if ref is None:
-        raise LensError(f"cannot read the size of norm module {type(inner).__name__}")
-    d = ref.shape[-1]
+    dtype = ref.dtype if ref is not None else (dtype or torch.float32)
+    device = ref.device if ref is not None else (device or torch.device("cpu"))
+    d = _size(inner, ref, d_model)
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(4, d, generator=gen, dtype=torch.float64) * 3 + 1.5).to(ref.dtype)
-    x = x.to(ref.device)
+    base = torch.randn(4, d, generator=gen, dtype=torch.float64) + 0.5
+    probes = [(base * scale).to(device=device, dtype=dtype) for scale in (3.0, 1e-3)]
+    low = dtype in (torch.float16, torch.bfloat16)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if low else {"rtol": 1e-4, "atol": 1e-5}
     with torch.no_grad():
-        y = inner(x)
-        shifted = inner(x + 2.0)
-    tol = {"rtol": 2e-2, "atol": 2e-2} if ref.dtype in (torch.float16, torch.bfloat16) else {
-        "rtol": 1e-4, "atol": 1e-5}
-    kind: NormKind = "LayerNorm" if torch.allclose(y, shifted, **tol) else "RMSNorm"
-    eps = _eps(inner)
+        outputs = [inner(x) for x in probes]
+        shifted = inner(probes[0] + 2.0)
+    kind: NormKind = "LayerNorm" if torch.allclose(outputs[0], shifted, **tol) else "RMSNorm"
+    eps = _eps(inner, dtype)
     for offset in (0.0, 1.0):
         spec = NormSpec(kind=kind, weight=weight, bias=bias, eps=eps, weight_offset=offset)
-        if torch.allclose(spec(x), y, **tol):
+        if all(torch.allclose(spec(x), y, **tol) for x, y in zip(probes, outputs, strict=True)):
             return spec
     raise LensError(
         f"unsupported normalisation module {type(inner).__name__}: it behaves like neither "

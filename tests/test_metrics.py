@@ -420,3 +420,8 @@ def test_settle_keeps_values_on_the_grid():
     assert settle(-2.5e-12) == round(-2.5e-12, 12)
     assert settle(7e-12) == 7e-12
     assert metrics.ABS_DECIMALS == 12
+
+
+@pytest.mark.parametrize("text", ["—", "。", " «»", "¿", "…"])
+def test_non_ascii_punctuation_is_punctuation(text):
+    assert is_blank_or_punct(text)

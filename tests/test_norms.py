@@ -154,10 +154,6 @@ def test_describe_norm_reads_weights_without_copying_into_the_module():
     assert not spec.weight.requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG lens/norms.py describe_norm: a norm without parameters (nn.LayerNorm/nn.RMSNorm with "
-    "elementwise_affine=False; HF OlmoLayerNorm) raises 'cannot read the size of norm module' "
-    "because the size is only taken from weight/bias"))
 @pytest.mark.parametrize("factory,kind", [
     (lambda: nn.LayerNorm(D, elementwise_affine=False), "LayerNorm"),
     (lambda: nn.RMSNorm(D, eps=1e-6, elementwise_affine=False), "RMSNorm"),
@@ -170,10 +166,6 @@ def test_describe_norm_without_affine_parameters(factory, kind):
     torch.testing.assert_close(spec(x), module(x), **TOL[torch.float64])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG lens/norms.py describe_norm: eps is never checked. nn.RMSNorm(d) has eps=None (it uses "
-    "finfo(dtype).eps); _eps falls back to 1e-5 and the probe input (rms ~3.4) cannot tell the "
-    "difference, so residuals of rms ~1e-2 are normalised wrongly (max abs error ~0.17)"))
 def test_describe_norm_eps_default_of_torch_rmsnorm():
     module = _randomise(nn.RMSNorm(D)).double()
     spec = describe_norm(module)
