@@ -286,3 +286,12 @@ def test_model_that_fits_nowhere_is_skipped(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "output-tiny-gpt2.error.json").read_bytes())
     assert record["stage"] == "device" and "fits on no device" in record["message"]
     assert "cpu needs" in record["message"]
+
+
+def test_worker_gets_the_exact_config():
+    from lens.worker import config_from_json, config_to_json
+
+    config = RunConfig(copy_threshold=0.1 + 0.2, copy_margin=1 / 3, copy_window_k=3, raw_lens="full",
+                       fp32_unembed=True, keep_residuals=True, prism="off",
+                       prism_dir=Path("/x/prisms"), device_map='{"": "cpu"}', dtype="float64")
+    assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
