@@ -34,6 +34,10 @@ class RunConfig:
     prism: str = "auto"
     prism_dir: Path | None = None
     keep_residuals: bool = False
+    device_map: str | None = None
+    """Passed to the bridge for models larger than one GPU: ``auto``, ``balanced``… or a JSON map."""
+    n_devices: int | None = None
+    """Split the model over this many CUDA devices (the bridge's ``n_devices``)."""
     topk_verbose: int = 20
     topk_brief: int = 5
 
@@ -52,6 +56,35 @@ class RunConfig:
         ):
             if value not in allowed:
                 raise LensError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.n_devices is not None and self.n_devices < 1:
+            raise LensError(f"--n-devices must be at least 1, got {self.n_devices}")
+        if self.device_map is not None and not self.device_map.strip():
+            raise LensError("--device-map needs a value: auto, balanced, sequential or a JSON map")
+        if self.device_map is not None and self.n_devices is not None:
+            raise LensError("--device-map and --n-devices both place the model; give only one")
+        if self.multi_device and self.device != "auto":
+            flag = "--device-map" if self.device_map is not None else "--n-devices"
+            raise LensError(f"{flag} and --device {self.device} are mutually exclusive: "
+                            f"{flag} places the model itself; drop --device")
+        self.device_map_value()
+
+    @property
+    def multi_device(self) -> bool:
+        """Whether the bridge, not lens, places the model (``--device-map``/``--n-devices`` > 1)."""
+        return self.device_map is not None or (self.n_devices or 1) > 1
+
+    def device_map_value(self) -> str | dict | None:
+        """``--device-map`` as the bridge takes it: a strategy name or a decoded JSON map."""
+        if self.device_map is None or not self.device_map.lstrip().startswith("{"):
+            return self.device_map
+        try:
+            value = json.loads(self.device_map)
+        except json.JSONDecodeError as exc:
+            raise LensError(f"--device-map is not valid JSON: {exc.msg} at character {exc.pos}; "
+                            'write it like {"model.embed_tokens": 0, "lm_head": 1}') from exc
+        if not isinstance(value, dict):
+            raise LensError("--device-map JSON must be an object mapping module names to devices")
+        return value
 
 
 @dataclass(frozen=True, kw_only=True)

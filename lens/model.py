@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,16 @@ import torch
 from torch import Tensor
 
 from lens.config import SEED
+from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
 from lens.errors import LensError
 from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
 from lens.precision import model_precision
 
+__all__ = ["Capture", "LoadedModel", "capture", "estimate_params", "head_logits", "load_model",
+           "output_name", "pick_device", "pick_dtype", "resolve_source", "tokenize"]
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
 ADDITIVE_POSITIONS = ("standard", "learned", "absolute")
 
 
@@ -67,32 +70,6 @@ class LoadedModel:
 def output_name(model_id: str) -> str:
     """``<name>`` of the output files: the id after its last ``/``."""
     return model_id.rstrip("/").rsplit("/", 1)[-1]
-
-
-def pick_device(requested: str) -> torch.device:
-    """``auto``: the first of cuda → mps → cpu that exists."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise LensError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    if requested == "mps" and not (torch.backends.mps.is_available()):
-        raise LensError("--device mps asked for, but MPS is not available; use --device cpu")
-    return torch.device(requested)
-
-
-def pick_dtype(requested: str, device: torch.device, model_id: str, n_params: int | None) -> torch.dtype:
-    """SPEC §9 dtype policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32 (≥ 30B bf16)."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cuda":
-        return torch.bfloat16 if "gemma" in model_id.lower() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16 if n_params is not None and n_params >= 30e9 else torch.float32
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -178,29 +155,51 @@ def _block_order(bridge: Any, probe_id: int) -> Architecture:
     return classify_block_order(calls)
 
 
-def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Boot ``model_id`` through ``TransformerBridge`` in plain (HF-numerics) mode."""
+def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
+               device_map: str | dict | None = None, n_devices: int | None = None,
+               free: FreeMemory = free_memory,
+               on_stage: Callable[[str], None] | None = None) -> LoadedModel:
+    """Boot ``model_id`` through ``TransformerBridge`` in plain (HF-numerics) mode.
+
+    Args:
+        device, dtype: ``--device``/``--dtype``; ``auto`` follows the SPEC §9 policy
+            (``lens.devices``), with the memory-fit check for ``--device auto``.
+        device_map, n_devices: Passed to the bridge to place a model larger than
+            one GPU (mutually exclusive with an explicit ``device``).
+        free: Free memory per device kind (injected by tests).
+        on_stage: Called with ``resolve``, ``device`` and ``load`` as loading
+            proceeds, so that a failure can say where it happened.
+    """
+    stage = on_stage or (lambda _: None)
+    stage("resolve")
+    source = resolve_source(model_id)
+    stage("load")
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoConfig, AutoTokenizer
 
-    source = resolve_source(model_id)
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    dev = pick_device(device)
     try:
         with _quiet():
             hf_config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
         raise LensError(f"cannot load config/tokenizer of {model_id}: {_first_line(exc)}") from exc
-    n_params = _estimate_params(hf_config)
-    dt = pick_dtype(dtype, dev, model_id, n_params)
+    stage("device")
+    multi = device_map is not None or (n_devices or 1) > 1
+    plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
+                       multi_device=multi, n_devices=n_devices, free=free)
+    dt = plan.dtype
+    stage("load")
+    placement: dict[str, Any] = (
+        {"device_map": device_map, "n_devices": n_devices} if multi else {"device": str(plan.device)})
     try:
         with _quiet(), model_precision(dt):
-            bridge = TransformerBridge.boot_transformers(source, device=str(dev), dtype=dt,
-                                                         tokenizer=tokenizer)
+            bridge = TransformerBridge.boot_transformers(source, dtype=dt, tokenizer=tokenizer,
+                                                         **placement)
     except Exception as exc:  # noqa: BLE001
         raise LensError(f"cannot load weights of {model_id}: {_first_line(exc)}") from exc
+    dev = torch.device(bridge.cfg.device or plan.device) if multi else plan.device
     bridge.eval()
     cfg = bridge.cfg
     n_layers = int(cfg.n_layers)
@@ -234,15 +233,6 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
     )
 
 
-def _estimate_params(hf_config: Any) -> int | None:
-    d = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", None)
-    n = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", None)
-    v = getattr(hf_config, "vocab_size", None)
-    if not (d and n and v):
-        return None
-    return int(12 * n * d * d + 2 * v * d)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
@@ -267,17 +257,19 @@ def capture(model: LoadedModel, ids: list[int]) -> Capture:
     tokens = torch.tensor([ids], device=model.device)
     with torch.no_grad(), model_precision(model.dtype):
         logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda h: h in names)
-    layer0 = cache["hook_embed"]
+    dev = model.device  # a model split over devices (--device-map) is analysed on its first
+    layer0 = cache["hook_embed"].to(dev)
     if model.additive_positions:
-        layer0 = layer0 + cache["hook_pos_embed"]
-    resids = torch.stack([layer0[0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in range(n)])
-    return Capture(head_logits=logits[0].detach(), resids=resids.detach())
+        layer0 = layer0 + cache["hook_pos_embed"].to(dev)
+    resids = torch.stack(
+        [layer0[0]] + [cache[f"blocks.{i}.hook_resid_post"][0].to(dev) for i in range(n)])
+    return Capture(head_logits=logits[0].detach().to(dev), resids=resids.detach())
 
 
 def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
     """(d_vocab,) the model's own logits at the last position of ``ids``."""
     with torch.no_grad(), model_precision(model.dtype):
-        return model.bridge(torch.tensor([ids], device=model.device))[0, -1].detach()
+        return model.bridge(torch.tensor([ids], device=model.device))[0, -1].detach().to(model.device)
 
 
 def tokenize(model: LoadedModel, prompt: str) -> list[int]:

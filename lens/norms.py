@@ -46,9 +46,9 @@ class NormSpec:
         else:
             h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            h = h * (self.weight.to(stats_dtype) + self.weight_offset)
+            h = h * (self.weight.to(device=h.device, dtype=stats_dtype) + self.weight_offset)
         if self.bias is not None:
-            h = h + self.bias.to(stats_dtype)
+            h = h + self.bias.to(device=h.device, dtype=stats_dtype)
         return h.to(x.dtype)
 
 

@@ -6,7 +6,7 @@ only which prompt and gold answer it uses and which emitters it feeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,8 @@ class Analysis:
     head_transform: dict[str, float | None]
     sidecar_lenses: tuple[Lens, ...] = ()
     """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
+    progress: Callable[[str, int, int], None] | None = None
+    """Told ``(pass label, layer, n_layers)`` after each decoded layer (progress display)."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:
@@ -128,9 +130,13 @@ class Pass:
         for lens in (analysis.lens, *analysis.sidecar_lenses):
             fed = [e for e in emitters
                    if (e.lens.name if isinstance(e, Sidecar) else analysis.lens.name) == lens.name]
+            label = f"{self.prompt_id}/{self.variant}" + (
+                "" if lens is analysis.lens else f" ({lens.name})")
             for step in decode_steps(ctx, lens, cap.resids):
                 for emitter in fed:
                     records.extend(emitter.emit(step))
+                if analysis.progress is not None:
+                    analysis.progress(label, step.layer, model.n_layers)
         return PassResult(ctx=ctx, records=tuple(records), capture=cap)
 
 

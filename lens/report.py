@@ -7,7 +7,7 @@ canonical bytes keyed by file name. The CLI and the golden tests call both.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +66,15 @@ def head_transform(hf_config: Any) -> dict[str, float | None]:
     return {"scale": first(SCALE_KEYS), "softcap": first(SOFTCAP_KEYS)}
 
 
-def build_analysis(model: LoadedModel, config: RunConfig) -> Analysis:
+def build_analysis(model: LoadedModel, config: RunConfig, *,
+                   progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Lenses and shared state for every pass of ``model``."""
     unembed = Unembed(model.W_U, model.b_U,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=RawLens(unembed), config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
+        progress=progress,
     )
 
 
@@ -93,10 +95,14 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def analyse(model: LoadedModel, probe: Probe, config: RunConfig) -> ModelRun:
-    """Run every pass of the probe's first fact and assemble the JSON report."""
+def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
+            progress: Callable[[str, int, int], None] | None = None) -> ModelRun:
+    """Run every pass of the probe's first fact and assemble the JSON report.
+
+    ``progress`` is told ``(pass label, layer, n_layers)`` as layers are decoded.
+    """
     fact = probe.facts[0]
-    analysis = build_analysis(model, config)
+    analysis = build_analysis(model, config, progress=progress)
     results = tuple(p.run(analysis) for p in passes_for(fact))
     records = tuple(r for res in results for r in res.records)
     return ModelRun(model=model, records=records, report=_report(model, fact, analysis, results),

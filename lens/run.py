@@ -1,16 +1,20 @@
-"""``python -m lens.run [MODEL …]``: the probe on one or more models (SPEC §8–§9)."""
+"""``python -m lens.run [MODEL …]``: the probe on one or more models (SPEC §8–§9).
+
+One model named on the command line runs in this process. Several models, a
+``--models-file`` or a ``--preset`` make a sweep (``lens.sweep``): each model in
+its own worker process (``lens.worker``), a failure record for each failing one,
+and a summary.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, Probe, RunConfig, default_probe
+from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig, default_probe
 from lens.errors import LensError
-from lens.writers import write_atomic
 
 PROG = "python -m lens.run"
 
@@ -24,12 +28,23 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lens.embedded import EMBEDDED_ID
+    from lens.sweep import PRESETS
 
     p = _Parser(prog=PROG, description="Layer-by-layer logit-lens probe of causal language models.")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help=f"hub id, local Hugging Face directory, or {EMBEDDED_ID} (default)")
+    p.add_argument("--models-file", type=Path, default=None, metavar="FILE",
+                   help="more models: one id or path a line, # comments")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="more models: baseline10 = the ten models of the baseline study")
     p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: first of cuda, mps, cpu (default auto)")
+                   help="auto: first of cuda, mps, cpu whose free memory fits the model "
+                        "(default auto)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="let the bridge place a model larger than one GPU: auto, balanced, "
+                        "sequential, or a JSON map of module names to devices")
+    p.add_argument("--n-devices", type=int, default=None, metavar="N",
+                   help="split the model over N CUDA devices")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto follows the policy: cuda fp16 (Gemma bf16), mps fp16, "
                         "cpu fp32 (default auto)")
@@ -59,92 +74,71 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
         copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
         device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
-        keep_residuals=args.keep_residuals,
+        keep_residuals=args.keep_residuals, device_map=args.device_map, n_devices=args.n_devices,
     )
 
 
-def evaluation_stub(name: str, report: dict) -> bytes:
-    d = report["diagnostics"]
-    top = report["final_prediction"]["topk"][0]
-    lines = [
-        f"# Evaluation: {name}", "",
-        f"- model: `{d['model']}` ({report['model_stats']['num_layers']} layers, {d['dtype']})",
-        f"- final top-1: {top[0]!r} (p = {top[1]:.3f})",
-        f"- L_copy = {d['L_copy']}, L_semantic = {d['L_semantic']}, "
-        f"lens artifact risk = {d['raw_lens_check']['summary']['lens_artifact_risk']}", "",
-        "## Reading", "", "_Write your interpretation of the per-layer records here._", "",
-    ]
-    return "\n".join(lines).encode("utf-8")
-
-
-def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool) -> None:
-    """Load, analyse and write one model's outputs into ``out_dir``; never overwrite a file."""
-    from lens.model import load_model
-    from lens.report import analyse, output_files
-
-    start = time.perf_counter()
-    model = load_model(model_id, device=config.device, dtype=config.dtype)
-    run = analyse(model, probe, config)
-    files = output_files(run, config)
-    files[f"evaluation-{model.name}.md"] = evaluation_stub(model.name, run.report)
-    clash = [n for n in files if (out_dir / n).exists()]
-    if clash:
-        raise LensError(f"{out_dir / clash[0]} exists from an earlier run; lens never overwrites "
-                        "a run: choose a new --out_dir or omit it to rotate run-latest/")
-    try:
-        for name, data in files.items():
-            write_atomic(out_dir / name, data)
-    except OSError as exc:
-        raise LensError(f"cannot write outputs into {out_dir}: {exc.strerror or exc}; "
-                        "free space or choose another --out_dir") from exc
-    if not quiet:
-        d = run.report["diagnostics"]
-        top = run.report["final_prediction"]["topk"][0]
-        print(f"lens: {model.name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
-              f"L_copy={d['L_copy']} L_semantic={d['L_semantic']} "
-              f"({time.perf_counter() - start:.1f}s) -> {out_dir}")
-
-
-def self_test_main(model_ids: Sequence[str], config: RunConfig) -> int:
+def self_test_main(model_ids: Sequence[str], config: RunConfig, *, quiet: bool = False) -> int:
+    """``--self-test``: a PASS/FAIL line per check and model; writes nothing; 1 on any FAIL."""
     from lens.model import load_model
     from lens.selftest import self_test
 
     status = 0
     for model_id in model_ids:
-        checks = self_test(load_model(model_id, device=config.device, dtype=config.dtype), config)
+        try:
+            model = load_model(model_id, device=config.device, dtype=config.dtype,
+                               device_map=config.device_map_value(), n_devices=config.n_devices)
+            checks = self_test(model, config)
+        except LensError as exc:
+            print(f"FAIL {model_id}: could not run the checks: {exc}")
+            status = 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
+            print(f"FAIL {model_id}: could not run the checks: {type(exc).__name__}: {exc}")
+            status = 1
+            continue
+        finally:
+            model = None  # free it before the next model
         for c in checks:
-            print(f"{'PASS' if c.ok else 'FAIL'} {model_id}: {c.name}: {c.detail}")
+            if not (quiet and c.ok):
+                print(f"{'PASS' if c.ok else 'FAIL'} {model_id}: {c.name}: {c.detail}")
         status |= 0 if all(c.ok for c in checks) else 1
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0: every model succeeded)."""
+    """Entry point; returns the exit status (0: every model succeeded, 130: interrupted)."""
     from lens.embedded import EMBEDDED_ID
+    from lens.progress import Progress
     from lens.rundir import prepare_out_dir, rotate_latest
+    from lens.sweep import model_list, run_sweep
+    from lens.worker import run_one
 
     args = build_parser().parse_args(argv)
-    models = list(args.models) or [EMBEDDED_ID]
     try:
         config = config_from(args)
+        models, sweep = model_list(args.models, models_file=args.models_file, preset=args.preset,
+                                   default=EMBEDDED_ID)
         if args.self_test:
-            return self_test_main(models, config)
-        out_dir = prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root)
-        probe = default_probe()
-        status = 0
-        for model_id in models:
-            try:
-                run_model(model_id, config, out_dir, probe, quiet=args.quiet)
-            except LensError as exc:
-                print(f"lens: error: {exc}", file=sys.stderr)
-                status = 1
-        return status
+            return self_test_main(models, config, quiet=args.quiet)
+        with prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root) as out:
+            if sweep:
+                return run_sweep(models, config, out, quiet=args.quiet)
+            result = run_one(models[0], config, out, default_probe(), quiet=args.quiet,
+                             progress=Progress(quiet=args.quiet, prefix=models[0]))
     except LensError as exc:
         print(f"lens: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lens: interrupted", file=sys.stderr)
         return 130
+    if result.status == "interrupted":
+        print("lens: interrupted", file=sys.stderr)
+        return 130
+    if not result.ok:
+        print(f"lens: error: {result.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""``--self-test``: check the normalisation against the model itself; writes nothing."""
+"""``--self-test``: check the normalisation against the model itself; writes nothing.
+
+Four checks, each with its own verdict:
+
+1. *last-layer lens vs head*: the norm lens at the last layer must reproduce
+   the model's own output distribution (KL to the head over every position).
+2. *norm maths vs modules*: each layer's ``NormSpec`` gives the same output
+   as the model's norm module on random inputs.
+3. *learned norm scale*: each γ is finite and not all ~0, and on the model's
+   real residuals the spec's output has the module's own per-position RMS
+   (a wrong γ, ε or norm kind shows up as a scale mismatch).
+4. *layer 0 input*: the layer-0 residual the lens decodes (embedding, plus
+   additive positions when the model has them) is what block 0 receives.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from lens import metrics
 from lens.config import RunConfig, default_probe
 from lens.model import LoadedModel, capture, tokenize
 from lens.norms import norm_for_layer, unwrap
+from lens.precision import model_precision
 from lens.report import build_analysis
 from lens.unembed import analysis_dtype
 
@@ -21,31 +37,79 @@ class Check:
     detail: str
 
 
+def _norm_modules(model: LoadedModel) -> list[torch.nn.Module]:
+    blocks = model.bridge.blocks
+    return [unwrap(norm_for_layer(layer, architecture=model.architecture,
+                                  ln1=[b.ln1 for b in blocks], ln2=[b.ln2 for b in blocks],
+                                  ln_final=model.bridge.ln_final))
+            for layer in range(model.n_layers + 1)]
+
+
+def _tolerance(model: LoadedModel) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-5}.get(model.dtype, 2e-2)
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.double().pow(2).mean(dim=-1).sqrt()
+
+
 def self_test(model: LoadedModel, config: RunConfig) -> list[Check]:
-    """The norm lens at the last layer must reproduce the head; norms must match their modules."""
+    """Run the four checks on ``model`` (see the module docstring)."""
     analysis = build_analysis(model, config)
     ids = tokenize(model, default_probe().facts[0].prompt)
     cap = capture(model, ids)
+    modules = _norm_modules(model)
     dtype = analysis_dtype(model.dtype)
+    tol = _tolerance(model)
+
     lens_logp = torch.log_softmax(analysis.lens.forward(cap.resids[-1], model.n_layers).to(dtype), -1)
     head_logp = torch.log_softmax(cap.head_logits.to(dtype), -1)
     kl = float(metrics.kl_bits(lens_logp, head_logp).max())
     limit = 1e-6 if dtype == torch.float64 else (1e-3 if model.dtype == torch.float32 else 0.05)
-    checks = [Check("last-layer lens reproduces the head",
-                    model.architecture == "post_norm" or kl <= limit,
-                    f"max KL {kl:.3g} bits over {len(ids)} positions (limit {limit:g})")]
-    blocks = model.bridge.blocks
+    post = model.architecture == "post_norm"
+    checks = [Check("last-layer lens reproduces the head", post or kl <= limit,
+                    f"max KL {kl:.3g} bits over {len(ids)} positions (limit {limit:g})"
+                    + ("; not required of a post-norm model" if post else ""))]
+
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
-    for layer, spec in enumerate(model.norms):
-        module = unwrap(norm_for_layer(layer, architecture=model.architecture,
-                                       ln1=[b.ln1 for b in blocks], ln2=[b.ln2 for b in blocks],
-                                       ln_final=model.bridge.ln_final))
+    for spec, module in zip(model.norms, modules, strict=True):
         x = torch.randn(3, model.d_model, generator=gen, dtype=torch.float64).to(
             device=model.device, dtype=model.dtype)
         with torch.no_grad():
-            worst = max(worst, float((spec(x) - module(x)).abs().max()))
-    tol = 1e-5 if model.dtype in (torch.float32, torch.float64) else 5e-2
-    checks.append(Check("norm maths matches the model's norm modules", worst <= tol,
-                        f"max abs difference {worst:.3g} (limit {tol:g})"))
+            worst = max(worst, float((spec(x) - module(x).to(x.device)).abs().max()))
+    norm_tol = 1e-5 if model.dtype in (torch.float32, torch.float64) else 5e-2
+    checks.append(Check("norm maths matches the model's norm modules", worst <= norm_tol,
+                        f"max abs difference {worst:.3g} on random inputs (limit {norm_tol:g})"))
+
+    bad_gamma = [layer for layer, spec in enumerate(model.norms) if spec.weight is not None and (
+        not bool(torch.isfinite(spec.weight).all())
+        or float((spec.weight.double() + spec.weight_offset).abs().max()) < 1e-6)]
+    errors = []
+    for layer, (spec, module) in enumerate(zip(model.norms, modules, strict=True)):
+        x = cap.resids[layer]
+        with torch.no_grad(), model_precision(model.dtype):
+            ours, theirs = _rms(spec(x)), _rms(module(x.to(_device_of(module, x))).to(x.device))
+        err = float(((ours - theirs).abs() / theirs.clamp_min(1e-30)).max())
+        errors.append((math.inf if math.isnan(err) else err, layer))
+    worst_rms, worst_layer = max(errors)
+    scale_ok = not bad_gamma and worst_rms <= tol
+    detail = (f"γ non-finite or ~0 at layers {bad_gamma}; " if bad_gamma else "") + (
+        f"max relative RMS difference {worst_rms:.3g} on the model's residuals "
+        f"(layer {worst_layer}, limit {tol:g})")
+    checks.append(Check("learned norm scale is consistent", scale_ok, detail))
+
+    with torch.no_grad(), model_precision(model.dtype):
+        _, cache = model.bridge.run_with_cache(torch.tensor([ids], device=model.device),
+                                               names_filter=lambda h: h == "blocks.0.hook_in")
+    block_in = cache["blocks.0.hook_in"][0].to(cap.resids.device)
+    diff = float(((cap.resids[0] - block_in).abs().max() / _rms(block_in).max().clamp_min(1e-30)))
+    layer0 = "embedding + positions" if model.additive_positions else "token embedding only"
+    checks.append(Check("layer 0 is block 0's input", diff <= tol,
+                        f"{layer0}: max difference {diff:.3g} relative to its RMS (limit {tol:g})"))
     return checks
+
+
+def _device_of(module: torch.nn.Module, fallback: Tensor) -> torch.device:
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else fallback.device

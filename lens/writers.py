@@ -26,6 +26,7 @@ An empty-string cell and a ``None`` cell both read back as ``""``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -168,21 +169,27 @@ def json_bytes(obj: object) -> bytes:
     return (_json(obj, 0) + "\n").encode("utf-8")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, dir_fd: int | None = None) -> None:
     """Replace ``path`` with ``data`` so that readers never see a torn file.
 
     Writes a hidden temp file in the same directory, fsyncs it, then
     ``os.replace``-s it onto ``path``; on failure the temp file is removed.
+    With ``dir_fd`` (an open directory), ``path`` is a file name inside that
+    directory, which keeps working when the directory is renamed meanwhile.
     """
     path = Path(path)
+    if dir_fd is not None and path.name != str(path):
+        raise ValueError(f"with dir_fd, give a bare file name, not {path}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    at = {} if dir_fd is None else {"dir_fd": dir_fd}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, **at)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, **at)
         raise

@@ -117,7 +117,7 @@ def test_self_test_passes_and_writes_nothing(in_tmp_cwd, capsys):
     model = str(MODELS / "tiny-llama")
     assert main([model, "--self-test", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 2 and "FAIL" not in out
+    assert out.count("PASS") == 4 and "FAIL" not in out
     assert list(in_tmp_cwd.iterdir()) == []
 
 
@@ -132,12 +132,12 @@ def test_never_overwrites_an_earlier_run(run_lens, tmp_path):
 
 def test_rotation_with_a_fixed_clock(tmp_path):
     clock = lambda: dt.datetime(2026, 1, 2, 3, 4)  # noqa: E731
-    first = rotate_latest(tmp_path, now=clock)
-    (first / "a.txt").write_text("first")
-    second = rotate_latest(tmp_path, now=clock)
-    (second / "a.txt").write_text("second")
-    rotate_latest(tmp_path, now=clock)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    with rotate_latest(tmp_path, now=clock) as first:
+        first.create("a.txt", b"first")
+    with rotate_latest(tmp_path, now=clock) as second:
+        second.create("a.txt", b"second")
+    rotate_latest(tmp_path, now=clock).close()
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert names == ["run-20260102-0304", "run-20260102-0304-2", "run-latest"]
     assert (tmp_path / "run-20260102-0304" / "a.txt").read_text() == "first"
     assert (tmp_path / "run-20260102-0304-2" / "a.txt").read_text() == "second"
@@ -196,4 +196,9 @@ def test_bad_input_gives_one_line(case, tmp_path, monkeypatch, capsys):
     assert len(lines) == 1, err
     assert expected in lines[0] and "Traceback" not in err
     out = tmp_path / "out"
-    assert not out.exists() or not any(p.name.startswith("output-") for p in out.iterdir())
+    written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    assert all(n.endswith(".error.json") for n in written), written  # a failure record, no outputs
+    for n in written:
+        record = json.loads((out / n).read_text())
+        assert list(record) == ["model", "stage", "error_class", "message"]
+        assert record["message"] in lines[0]

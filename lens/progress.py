@@ -1,0 +1,59 @@
+"""A one-line progress display on stderr: model, pass and layer.
+
+It draws only when stderr is a terminal and ``--quiet`` is off, so logs, pipes
+and tests see nothing of it. No dependency: a carriage return and an
+erase-line escape redraw the line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import TextIO
+
+_CLEAR = "\r\x1b[K"
+
+
+class Progress:
+    """Draws ``[i/n] model · what · layer l/L`` in place.
+
+    Args:
+        quiet: ``--quiet``: draw nothing.
+        stream: Where to draw (stderr).
+        prefix: Shown first, e.g. ``[2/10] Qwen3-8B``.
+        interval: Seconds between redraws of layer updates.
+    """
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None, prefix: str = "",
+                 interval: float = 0.1) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = not quiet and bool(isatty and isatty())
+        self.prefix = prefix
+        self.interval = interval
+        self._drawn = False
+        self._last = 0.0
+
+    def show(self, text: str) -> None:
+        """Replace the line with ``prefix · text``."""
+        if not self.enabled:
+            return
+        line = f"{self.prefix} · {text}" if self.prefix else text
+        width = shutil.get_terminal_size((80, 20)).columns - 1
+        self.stream.write(_CLEAR + line[:width])
+        self.stream.flush()
+        self._drawn = True
+        self._last = time.monotonic()
+
+    def layer(self, what: str, layer: int, n_layers: int) -> None:
+        """A layer of a pass was decoded (redrawn at most every ``interval`` seconds)."""
+        if self.enabled and (layer == n_layers or time.monotonic() - self._last >= self.interval):
+            self.show(f"{what} · layer {layer}/{n_layers}")
+
+    def clear(self) -> None:
+        """Erase the line before ordinary output."""
+        if self._drawn:
+            self.stream.write(_CLEAR)
+            self.stream.flush()
+            self._drawn = False
