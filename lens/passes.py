@@ -6,8 +6,9 @@ only which prompt and gold answer it uses and which emitters it feeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,8 @@ class Analysis:
     head_transform: dict[str, float | None]
     sidecar_lenses: tuple[Lens, ...] = ()
     """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
+    prism_summary: Mapping[str, Any] = field(default_factory=dict)
+    """``diagnostics.prism_summary``, settled before any pass runs."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:

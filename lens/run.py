@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-window-k", type=int, default=1, help="top-1 ids in the copy window (1)")
     p.add_argument("--raw-lens", default="sample", choices=RAW_LENS_MODES,
                    help="raw-vs-norm lens check: off, sample (4 layers) or full (default sample)")
-    p.add_argument("--prism", default="auto", choices=PRISM_MODES, help="Prism sidecar (default auto)")
-    p.add_argument("--prism-dir", type=Path, default=None, help="Prism artifacts root (default prisms/)")
+    p.add_argument("--prism", default="auto", choices=PRISM_MODES,
+                   help="Prism sidecar lens: auto uses compatible artifacts, on requires them, "
+                        "off disables (default auto)")
+    p.add_argument("--prism-dir", type=Path, default=None,
+                   help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -79,10 +82,12 @@ def evaluation_stub(name: str, report: dict) -> bytes:
 
 def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool) -> None:
     """Load, analyse and write one model's outputs into ``out_dir``; never overwrite a file."""
-    from lens.model import load_model
+    from lens.model import load_model, output_name
+    from lens.prism import precheck
     from lens.report import analyse, output_files
 
     start = time.perf_counter()
+    precheck(config, output_name(model_id))
     model = load_model(model_id, device=config.device, dtype=config.dtype)
     run = analyse(model, probe, config)
     files = output_files(run, config)
