@@ -55,6 +55,11 @@ HELD_OUT_EVERY = 5
 K_DEFAULT = 512
 RESERVOIR_DEFAULT = 20000
 FORMAT_VERSION = 1
+ARTIFACT_DTYPE = torch.float32
+"""Artifacts are stored in float32 whatever the model's dtype. Float32 is all the
+lens needs (SPEC §7: fp32 statistics, fp32 W_U), and it makes a float64 fit
+bit-identical across CPU kernels: PCA amplifies the fit's last-bit kernel noise
+(~1e-16) to ~1e-14, still far below float32 resolution (6e-8)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -254,6 +259,7 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
         "d_vocab": model.d_vocab,
         "dtype": str(model.dtype).removeprefix("torch."),
         "stats_dtype": str(stats_dtype).removeprefix("torch."),
+        "artifact_dtype": str(ARTIFACT_DTYPE).removeprefix("torch."),
         "layers": list(layers),
         "k": k,
         "k_requested": k_requested,
@@ -270,7 +276,7 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
             "distinct_vectors": distinct,
         },
         "seed": seed,
-        "q_orthogonality_error": orthogonality_error(Q),
+        "q_orthogonality_error": None,
         "q_reorthonormalised": reorthonormalised,
         "prompts": {"source": source, "count": len(prompts),
                     "sha256": hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest(),
@@ -279,8 +285,9 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": _versions(),
     }
-    artifacts = PrismArtifacts(mean=mean, var=var, eps=EPS, Q=Q.to(stats_dtype),
-                               provenance=provenance)
+    artifacts = PrismArtifacts(mean=mean.to(ARTIFACT_DTYPE), var=var.to(ARTIFACT_DTYPE), eps=EPS,
+                               Q=Q.to(ARTIFACT_DTYPE), provenance=provenance)
+    provenance["q_orthogonality_error"] = orthogonality_error(artifacts.Q)
     unembed = Unembed(model.W_U, model.b_U, dtype=unembed_dtype(model.dtype, fp32_unembed=False))
     lenses = (NormLens(unembed, model.norms), PrismLens(unembed, model.norms, artifacts))
     clock = time.perf_counter()

@@ -306,7 +306,8 @@ def test_fit_reports_k_layers_and_held_out_kl(tmp_path):
     assert [r["layer"] for r in rows] == [2, 3, 4]
     assert all(r["norm"] >= 0 and r["prism"] >= 0 and r["positions"] > 0 for r in rows)
     assert rows[-1]["norm"] < 1e-9  # the last layer through ln_final is the model's head
-    assert orthogonality_error(art.Q) < 1e-10 and art.Q.dtype == F64
+    assert orthogonality_error(art.Q) < 1e-5 and art.Q.dtype == torch.float32
+    assert math.isclose(p["q_orthogonality_error"], orthogonality_error(art.Q), rel_tol=1e-9)
 
 
 def test_fit_is_deterministic(tiny_models):
@@ -328,7 +329,7 @@ def test_fit_lowers_k_to_the_sample(tiny_models):
     assert p["k"] == distinct - 1 < 20
     assert "distinct fit vectors - 1" in p["k_lowered_reason"]
     assert any("k lowered from 20" in m for m in result.messages)
-    assert orthogonality_error(result.artifacts.Q) < 1e-10
+    assert orthogonality_error(result.artifacts.Q) < 1e-5
 
 
 def test_builtin_prompt_set_is_large_and_varied():
