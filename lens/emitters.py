@@ -237,14 +237,19 @@ class NextTokenEmitter:
         )
 
 
+def depth_layers(n_layers: int) -> tuple[int, ...]:
+    """Post-block layers at depth ≈ 25/50/75 %: ``n//4+1``, ``n//2+1``, ``3n//4+1`` (≤ n)."""
+    picks = (n_layers // 4 + 1, n_layers // 2 + 1, 3 * n_layers // 4 + 1)
+    return tuple(sorted({min(p, n_layers) for p in picks}))
+
+
 def raw_check_layers(mode: str, n_layers: int) -> tuple[int, ...]:
     """Layers the raw-vs-norm check samples: 0 and depth ≈ 25/50/75 %, or all."""
     if mode == "off":
         return ()
     if mode == "full":
         return tuple(range(n_layers + 1))
-    picks = (0, n_layers // 4 + 1, n_layers // 2 + 1, 3 * n_layers // 4 + 1)
-    return tuple(sorted({min(p, n_layers) for p in picks}))
+    return tuple(sorted({0, *depth_layers(n_layers)}))
 
 
 class RawLensCheck:

@@ -6,8 +6,9 @@ only which prompt and gold answer it uses and which emitters it feeds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,6 +60,8 @@ class Analysis:
     """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
     progress: Callable[[str, int, int], None] | None = None
     """Told ``(pass label, layer, n_layers)`` after each decoded layer (progress display)."""
+    prism_summary: Mapping[str, Any] = field(default_factory=dict)
+    """``diagnostics.prism_summary``, settled before any pass runs."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:

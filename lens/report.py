@@ -26,7 +26,7 @@ from lens.lenses import NormLens, RawLens
 from lens.metrics import entropy_bits
 from lens.model import LoadedModel, head_logits, tokenize
 from lens.passes import Analysis, PassResult, passes_for
-from lens.prism import prism_summary
+from lens.prism import resolve_prism
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 from lens.writers import csv_bytes, json_bytes
@@ -68,13 +68,22 @@ def head_transform(hf_config: Any) -> dict[str, float | None]:
 
 def build_analysis(model: LoadedModel, config: RunConfig, *,
                    progress: Callable[[str, int, int], None] | None = None) -> Analysis:
-    """Lenses and shared state for every pass of ``model``."""
+    """Lenses and shared state for every pass of ``model``.
+
+    ``--prism`` is settled here, before any pass runs: ``on`` with missing or
+    incompatible artifacts raises ``LensError``; a usable Prism lens becomes a
+    sidecar lens, so the same emitters write its CSVs.
+    """
     unembed = Unembed(model.W_U, model.b_U,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
+    prism = resolve_prism(config, name=model.name, d_model=model.d_model, unembed=unembed,
+                          norms=model.norms)
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=RawLens(unembed), config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
         progress=progress,
+        sidecar_lenses=(prism.lens,) if prism.lens is not None else (),
+        prism_summary=prism.summary,
     )
 
 
@@ -146,7 +155,7 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "context_prompt": orig.ctx.prompt,
         "target_prediction": fact.answer,
         "gold_alignment": orig.ctx.gold.status,
-        "prism_summary": prism_summary(config, model),
+        "prism_summary": dict(analysis.prism_summary),
         "last_layer_consistency": summaries.consistency_summary(consistency),
         "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,

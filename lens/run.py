@@ -61,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-window-k", type=int, default=1, help="top-1 ids in the copy window (1)")
     p.add_argument("--raw-lens", default="sample", choices=RAW_LENS_MODES,
                    help="raw-vs-norm lens check: off, sample (4 layers) or full (default sample)")
-    p.add_argument("--prism", default="auto", choices=PRISM_MODES, help="Prism sidecar (default auto)")
-    p.add_argument("--prism-dir", type=Path, default=None, help="Prism artifacts root (default prisms/)")
+    p.add_argument("--prism", default="auto", choices=PRISM_MODES,
+                   help="Prism sidecar lens: auto uses compatible artifacts, on requires them, "
+                        "off disables (default auto)")
+    p.add_argument("--prism-dir", type=Path, default=None,
+                   help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")

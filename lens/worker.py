@@ -181,6 +181,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
     """
     from lens.devices import DeviceError, free_memory
     from lens.model import load_model, output_name
+    from lens.prism import precheck
     from lens.report import analyse, output_files
 
     name = output_name(model_id)
@@ -200,6 +201,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
         if clash:
             raise OutputExists(_exists(out, clash))
         at("resolve")
+        precheck(config, name)
         model = load_model(model_id, device=config.device, dtype=config.dtype,
                            device_map=config.device_map_value(), n_devices=config.n_devices,
                            free=free or free_memory, on_stage=at)
