@@ -8,8 +8,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, Probe, RunConfig, default_probe
+from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, Probe, RunConfig
 from lens.errors import LensError
+from lens.probe import builtin_probes, resolve_probe
 from lens.writers import write_atomic
 
 PROG = "python -m lens.run"
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw-vs-norm lens check: off, sample (4 layers) or full (default sample)")
     p.add_argument("--prism", default="auto", choices=PRISM_MODES, help="Prism sidecar (default auto)")
     p.add_argument("--prism-dir", type=Path, default=None, help="Prism artifacts root (default prisms/)")
+    p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
+                   help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
+                        "(.json/.yaml, see README) (default: default)")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -129,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from(args)
         if args.self_test:
             return self_test_main(models, config)
+        probe = resolve_probe(args.probe)
         out_dir = prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root)
-        probe = default_probe()
         status = 0
         for model_id in models:
             try:
