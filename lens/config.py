@@ -37,6 +37,8 @@ class RunConfig:
     keep_residuals: bool = False
     topk_verbose: int = 20
     topk_brief: int = 5
+    batch_size: int = 8
+    """Prompts per forward pass for probes with more than one fact (1 = one at a time)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_threshold <= 1:
@@ -45,6 +47,8 @@ class RunConfig:
             raise LensError(f"--copy-margin must be in [0, 1), got {self.copy_margin}")
         if self.copy_window_k < 1:
             raise LensError(f"--copy-window-k must be at least 1, got {self.copy_window_k}")
+        if self.batch_size < 1:
+            raise LensError(f"--batch-size must be at least 1, got {self.batch_size}")
         for value, allowed, flag in (
             (self.raw_lens, RAW_LENS_MODES, "--raw-lens"),
             (self.prism, PRISM_MODES, "--prism"),

@@ -41,7 +41,8 @@ CHUNK_ELEMENTS = 1 << 25
 class PassResult:
     ctx: PassContext
     records: tuple[Record, ...]
-    capture: Capture
+    capture: Capture | None
+    """The forward's residuals; dropped (None) after the run unless they are kept."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,14 +115,29 @@ class Pass:
             head_logits=head_logits, head_logp=torch.log_softmax(head_logits, dim=-1),
             verbose=tuple(i == len(ids) - 1 or is_verbose(t, words) for i, t in enumerate(tokens)),
             n_layers=model.n_layers, config=analysis.config, table=table,
-            head_transform=analysis.head_transform,
+            head_transform=analysis.head_transform, fact_id=self.fact.id,
         )
 
-    def run(self, analysis: Analysis) -> PassResult:
-        """Forward once, decode every layer with every lens, feed the emitters. Final."""
+    def token_ids(self, analysis: Analysis) -> list[int]:
+        """The prompt's token ids as the forward sees them."""
+        return tokenize(analysis.model, self.prompt())
+
+    def run(self, analysis: Analysis, cap: Capture | None = None) -> PassResult:
+        """Forward once, decode every layer with every lens, feed the emitters. Final.
+
+        Args:
+            analysis: The model, lenses and config shared by every pass.
+            cap: This pass's forward when it was already run (a row of a
+                batched forward, ``lens.model.capture_batch``); else the pass
+                runs its own forward.
+        """
         model = analysis.model
-        ids = tokenize(model, self.prompt())
-        cap = capture(model, ids)
+        ids = self.token_ids(analysis)
+        if cap is None:
+            cap = capture(model, ids)
+        elif cap.resids.shape[1] != len(ids):
+            raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
+                             f"the prompt {len(ids)} tokens")
         ctx = self.context(analysis, cap, ids)
         emitters = self.emitters(analysis)
         records: list[Record] = []

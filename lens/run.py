@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
                    help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
                         "(.json/.yaml, see README) (default: default)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per forward pass for probes with more than one fact (default 8)")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -63,7 +65,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
         copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
         device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
-        keep_residuals=args.keep_residuals,
+        keep_residuals=args.keep_residuals, batch_size=args.batch_size,
     )
 
 
@@ -75,10 +77,38 @@ def evaluation_stub(name: str, report: dict) -> bytes:
         f"- model: `{d['model']}` ({report['model_stats']['num_layers']} layers, {d['dtype']})",
         f"- final top-1: {top[0]!r} (p = {top[1]:.3f})",
         f"- L_copy = {d['L_copy']}, L_semantic = {d['L_semantic']}, "
-        f"lens artifact risk = {d['raw_lens_check']['summary']['lens_artifact_risk']}", "",
-        "## Reading", "", "_Write your interpretation of the per-layer records here._", "",
+        f"lens artifact risk = {d['raw_lens_check']['summary']['lens_artifact_risk']}",
     ]
+    if "probe" in report:
+        lines.append(f"- probe `{report['probe']['name']}`: {report['probe']['n_facts']} facts "
+                     f"(numbers above: the first, `{report['probe']['fact_ids'][0]}`); statistics "
+                     f"across facts in `output-{name}-aggregate.json`")
+    lines += ["", "## Reading", "", "_Write your interpretation of the per-layer records here._", ""]
     return "\n".join(lines).encode("utf-8")
+
+
+class FactProgress:
+    """``lens: NAME: fact 3/24 (italy)`` on one rewritten stderr line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, done: int, total: int, fact_id: str) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r\x1b[2Klens: {self.name}: fact {done}/{total} ({fact_id})", end=end,
+              file=sys.stderr, flush=True)
+
+
+def _summary_line(run) -> str:  # type: ignore[no-untyped-def]
+    if run.aggregate is None:
+        d = run.report["diagnostics"]
+        return f"L_copy={d['L_copy']} L_semantic={d['L_semantic']}"
+    def median(metric: str) -> str:
+        stat = run.aggregate["metrics"][metric]["orig"]
+        return "None" if stat["median"] is None else f"{stat['median']:g} ({stat['n']} facts)"
+
+    return (f"{run.aggregate['n_facts']} facts, median L_copy={median('L_copy')} "
+            f"L_semantic={median('L_semantic')}")
 
 
 def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool) -> None:
@@ -88,7 +118,8 @@ def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, 
 
     start = time.perf_counter()
     model = load_model(model_id, device=config.device, dtype=config.dtype)
-    run = analyse(model, probe, config)
+    show = probe.is_multi and not quiet and sys.stderr.isatty()
+    run = analyse(model, probe, config, progress=FactProgress(model.name) if show else None)
     files = output_files(run, config)
     files[f"evaluation-{model.name}.md"] = evaluation_stub(model.name, run.report)
     clash = [n for n in files if (out_dir / n).exists()]
@@ -102,11 +133,9 @@ def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, 
         raise LensError(f"cannot write outputs into {out_dir}: {exc.strerror or exc}; "
                         "free space or choose another --out_dir") from exc
     if not quiet:
-        d = run.report["diagnostics"]
         top = run.report["final_prediction"]["topk"][0]
         print(f"lens: {model.name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
-              f"L_copy={d['L_copy']} L_semantic={d['L_semantic']} "
-              f"({time.perf_counter() - start:.1f}s) -> {out_dir}")
+              f"{_summary_line(run)} ({time.perf_counter() - start:.1f}s) -> {out_dir}")
 
 
 def self_test_main(model_ids: Sequence[str], config: RunConfig) -> int:

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lens.config import RunConfig
 from lens.errors import LensError
 from lens.probe import (
     builtin_probe,
@@ -20,9 +21,15 @@ from lens.probe import (
     parse_probe,
     resolve_probe,
 )
-from lens.run import main
+from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
+from lens.run import FactProgress, main
+from lens.writers import read_csv_rows
 
 TESTS = Path(__file__).resolve().parent
+TINY_PROBE = TESTS / "probes" / "tiny-multi.yaml"
+SPEC_KEYS = ["prompt", "diagnostics", "gold_answer", "ablation_summary", "control_prompt",
+             "control_summary", "final_prediction", "test_prompts", "temperature_exploration",
+             "model_stats"]
 
 GOOD = {
     "name": "two",
@@ -189,3 +196,129 @@ def test_cli_bad_probe_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypa
     assert status == 1 and len(err.strip().splitlines()) == 1
     assert "fact 1 (fr): missing field 'answer'" in err
     assert not out.exists()
+
+
+def test_cli_batch_size_must_be_positive(run_lens):
+    status, files, err = run_lens("tests/models/tiny-gpt2", "--batch-size", "0")
+    assert status == 1 and "--batch-size must be at least 1" in err and not files
+
+
+# --- multi-fact outputs ----------------------------------------------------------------
+
+
+def _rows(data: bytes) -> list[dict[str, str]]:
+    header, *rows = read_csv_rows(data)
+    return [dict(zip(header, r, strict=True)) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def multi_runs(tiny_models):  # type: ignore[no-untyped-def]
+    probe = load_probe(TINY_PROBE)
+    config = RunConfig(dtype="float64", device="cpu")
+    return {name: analyse(model, probe, config) for name, model in tiny_models.items()}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_multi_fact_csvs_lead_with_fact_id(multi_runs, name):
+    run = multi_runs[name]
+    files = output_files(run, RunConfig(dtype="float64"))
+    records = read_csv_rows(files[f"output-{name}-records.csv"])
+    pure = read_csv_rows(files[f"output-{name}-pure-next-token.csv"])
+    assert tuple(records[0]) == (FACT_COLUMN, *RECORDS_HEADER)
+    assert tuple(pure[0]) == (FACT_COLUMN, *PURE_HEADER)
+    ids = [f.id for f in run.probe.facts]
+    seen = list(dict.fromkeys(r[0] for r in pure[1:]))
+    assert seen == ids  # every fact, in probe order, grouped
+    n = run.model.n_layers + 1
+    for fact in run.probe.facts:
+        rows = [r for r in _rows(files[f"output-{name}-pure-next-token.csv"])
+                if r["fact_id"] == fact.id]
+        variants = [("pos", "orig"), *([("pos", "no_filler")] if fact.no_filler else []),
+                    *([("ctl", "orig")] if fact.control else [])]
+        assert [(r["prompt_id"], r["prompt_variant"]) for r in rows] == [
+            v for v in variants for _ in range(n)]
+    assert {r[0] for r in records[1:]} == set(ids)
+    assert f"output-{name}-aggregate.json" in files
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_multi_fact_json_keeps_spec_keys_and_holds_every_fact(multi_runs, tiny_models, name):
+    run = multi_runs[name]
+    report = json.loads(output_files(run, RunConfig())[f"output-{name}.json"])
+    assert list(report) == [*SPEC_KEYS, "probe", "facts"]
+    assert report["probe"] == {"name": "tiny-multi", "n_facts": 4,
+                               "fact_ids": ["germany", "france", "germany-known-as",
+                                            "germany.named"]}
+    assert list(report["facts"]) == report["probe"]["fact_ids"]
+    first = report["facts"]["germany"]
+    assert {k: v for k, v in report.items() if k not in ("probe", "facts")} == first
+    known = report["facts"]["germany-known-as"]
+    assert "control_prompt" not in known and known["ablation_summary"]["L_sem_nf"] is None
+    assert [t["prompt"] for t in known["test_prompts"]] == [
+        "Germany has its capital at", "Germany's capital city is called"]
+    # facts[id] is what a one-fact probe of that fact writes (up to batching's last bits)
+    single = analyse(tiny_models[name], parse_probe({"facts": [
+        {"id": "france", "prompt": "The capital of France is called simply", "answer": "Paris",
+         "no_filler": "The capital of France is called",
+         "control": {"prompt": "The capital of Germany is called simply", "answer": "Berlin"},
+         "important_words": ["France", "Paris", "capital"]}]}, "one.json"),
+        RunConfig(dtype="float64", device="cpu"))
+    alone = json.loads(output_files(single, RunConfig())[f"output-{name}.json"])
+    assert _close(report["facts"]["france"], alone)
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= 1e-9 + 1e-7 * abs(float(b))  # type: ignore[arg-type]
+    return a == b
+
+
+def test_progress_reports_every_fact_once(tiny_models):
+    calls: list[tuple[int, int, str]] = []
+    probe = load_probe(TINY_PROBE)
+    analyse(tiny_models["tiny-gpt2"], probe, RunConfig(dtype="float64", batch_size=3),
+            progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == sorted({c[0] for c in calls})  # strictly increasing
+    assert calls[-1][:2] == (4, 4) and all(c[1] == 4 for c in calls)
+
+
+def test_fact_progress_line(capsys):
+    show = FactProgress("m")
+    show(1, 2, "a")
+    show(2, 2, "b")
+    err = capsys.readouterr().err
+    assert err == "\r\x1b[2Klens: m: fact 1/2 (a)\r\x1b[2Klens: m: fact 2/2 (b)\n"
+
+
+def test_cli_without_tty_prints_no_progress(run_lens):
+    status, files, err = run_lens("tests/models/tiny-llama", "--probe", str(TINY_PROBE))
+    assert status == 0 and err == ""
+    assert "output-tiny-llama-aggregate.json" in files
+
+
+def test_multi_fact_residuals_are_keyed_by_fact(run_lens):
+    import io
+
+    import torch
+
+    status, files, err = run_lens("tests/models/tiny-gpt2", "--probe", str(TINY_PROBE),
+                                  "--keep-residuals")
+    assert status == 0, err
+    saved = torch.load(io.BytesIO(files["output-tiny-gpt2-residuals.pt"]))
+    assert list(saved)[:4] == ["germany/pos/orig", "germany/pos/no_filler", "germany/ctl/orig",
+                               "france/pos/orig"]
+    assert "germany-known-as/pos/orig" in saved and "germany-known-as/ctl/orig" not in saved
+    assert saved["germany/pos/orig"].shape[0] == 5
+
+
+def test_a_failing_fact_is_named(tmp_path, run_lens):
+    doc = {"facts": [{"id": "ok", "prompt": "The capital of France is called", "answer": "Paris"},
+                     {"id": "long", "prompt": " ".join(["Germany"] * 80), "answer": "Berlin"}]}
+    status, files, err = run_lens("tests/models/tiny-gpt2", "--probe", str(_write(tmp_path, doc)))
+    assert status == 1 and not files
+    assert len(err.strip().splitlines()) == 1
+    assert "fact long (pos/orig): prompt has 81 tokens but tiny-gpt2 takes at most 64" in err
