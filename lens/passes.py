@@ -58,6 +58,9 @@ class Analysis:
     head_transform: dict[str, float | None]
     sidecar_lenses: tuple[Lens, ...] = ()
     """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
+    next_token_lenses: tuple[Lens, ...] = ()
+    """Lenses decoded at the last position only, feeding pure next-token records that
+    no CSV holds (the raw lens at every layer, for the trajectory plot)."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:
@@ -147,6 +150,10 @@ class Pass:
             for step in decode_steps(ctx, lens, cap.resids):
                 for emitter in fed:
                     records.extend(emitter.emit(step))
+        for lens in analysis.next_token_lenses:
+            emitter = NextTokenEmitter()
+            for step in decode_steps(ctx, lens, cap.resids[:, -1:]):
+                records.extend(emitter.emit(step))
         return PassResult(ctx=ctx, records=tuple(records), capture=cap)
 
 

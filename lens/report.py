@@ -101,6 +101,7 @@ def build_analysis(model: LoadedModel, config: RunConfig) -> Analysis:
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=raw, config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
+        next_token_lenses=(raw,),
     )
 
 

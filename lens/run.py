@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.json/.yaml, see README) (default: default)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="prompts per forward pass for probes with more than one fact (default 8)")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -111,7 +112,8 @@ def _summary_line(run) -> str:  # type: ignore[no-untyped-def]
             f"L_semantic={median('L_semantic')}")
 
 
-def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool) -> None:
+def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool,
+              plots: bool = True) -> None:
     """Load, analyse and write one model's outputs into ``out_dir``; never overwrite a file."""
     from lens.model import load_model
     from lens.report import analyse, output_files
@@ -122,6 +124,10 @@ def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, 
     run = analyse(model, probe, config, progress=FactProgress(model.name) if show else None)
     files = output_files(run, config)
     files[f"evaluation-{model.name}.md"] = evaluation_stub(model.name, run.report)
+    if plots:
+        from lens.plots import plot_files
+
+        files.update(plot_files(run))
     clash = [n for n in files if (out_dir / n).exists()]
     if clash:
         raise LensError(f"{out_dir / clash[0]} exists from an earlier run; lens never overwrites "
@@ -167,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 0
         for model_id in models:
             try:
-                run_model(model_id, config, out_dir, probe, quiet=args.quiet)
+                run_model(model_id, config, out_dir, probe, quiet=args.quiet,
+                          plots=not args.no_plots)
             except LensError as exc:
                 print(f"lens: error: {exc}", file=sys.stderr)
                 status = 1

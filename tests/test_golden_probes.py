@@ -20,7 +20,7 @@ PROBE = Path(__file__).resolve().parent / "probes" / "tiny-multi.yaml"
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_multi_fact_run_matches_golden(name, run_lens, golden_json, golden_csv):
     status, files, err = run_lens(f"tests/models/{name}", "--dtype", "float64", "--device", "cpu",
-                                  "--probe", str(PROBE))
+                                  "--probe", str(PROBE), "--no-plots")
     assert status == 0, err
     assert files[f"output-{name}.json"] == golden_json(name="json")
     assert files[f"output-{name}-aggregate.json"] == golden_json(name="aggregate")

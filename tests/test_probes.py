@@ -295,9 +295,11 @@ def test_fact_progress_line(capsys):
 
 
 def test_cli_without_tty_prints_no_progress(run_lens):
-    status, files, err = run_lens("tests/models/tiny-llama", "--probe", str(TINY_PROBE))
+    status, files, err = run_lens("tests/models/tiny-llama", "--probe", str(TINY_PROBE),
+                                  "--no-plots")
     assert status == 0 and err == ""
     assert "output-tiny-llama-aggregate.json" in files
+    assert not any(n.endswith(".png") for n in files)
 
 
 def test_multi_fact_residuals_are_keyed_by_fact(run_lens):
@@ -306,7 +308,7 @@ def test_multi_fact_residuals_are_keyed_by_fact(run_lens):
     import torch
 
     status, files, err = run_lens("tests/models/tiny-gpt2", "--probe", str(TINY_PROBE),
-                                  "--keep-residuals")
+                                  "--keep-residuals", "--no-plots")
     assert status == 0, err
     saved = torch.load(io.BytesIO(files["output-tiny-gpt2-residuals.pt"]))
     assert list(saved)[:4] == ["germany/pos/orig", "germany/pos/no_filler", "germany/ctl/orig",
