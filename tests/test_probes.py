@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lens.config import RunConfig
 from lens.errors import LensError
 from lens.probe import (
+    FACT_KEYS,
     builtin_probe,
     builtin_probes,
     default_probe,
@@ -182,6 +183,20 @@ def test_unreadable_probe_files(tmp_path, name, text, expected):
 def test_missing_probe_file_names_the_builtins(tmp_path):
     with pytest.raises(LensError, match=r"does not exist; .*default"):
         load_probe(tmp_path / "nope.yaml")
+
+
+def test_fact_keys_are_documented_in_the_readme():
+    readme = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    for key in FACT_KEYS:
+        assert f"`{key}`" in readme
+
+
+def test_the_readme_example_is_a_valid_probe():
+    readme = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    probe = parse_probe(yaml.safe_load(example), "README.md")
+    assert [f.id for f in probe.facts] == ["germany", "france"]
+    assert probe.facts[0].control.answer == "Paris" and probe.facts[0].test_prompts
 
 
 # --- the CLI ---------------------------------------------------------------------------
