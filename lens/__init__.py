@@ -2,6 +2,7 @@
 
 from lens.config import Fact, Probe, RunConfig, default_probe
 from lens.errors import LensError
+from lens.probe import load_probe
 
-__all__ = ["Fact", "LensError", "Probe", "RunConfig", "default_probe"]
+__all__ = ["Fact", "LensError", "Probe", "RunConfig", "default_probe", "load_probe"]
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
-"""Frozen run configuration and the probe (prompts as data, not code)."""
+"""Frozen run configuration. The probe types live in ``lens.probe`` and are re-exported here."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 from lens.errors import LensError
+from lens.probe import Control, Fact, Probe, default_probe, parse_probe
+
+__all__ = ["Control", "Fact", "Probe", "RunConfig", "default_probe", "parse_probe"]
 
 RAW_LENS_MODES = ("off", "sample", "full")
 PRISM_MODES = ("auto", "on", "off")
@@ -40,6 +42,8 @@ class RunConfig:
     """Split the model over this many CUDA devices (the bridge's ``n_devices``)."""
     topk_verbose: int = 20
     topk_brief: int = 5
+    batch_size: int = 8
+    """Prompts per forward pass for probes with more than one fact (1 = one at a time)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_threshold <= 1:
@@ -48,6 +52,8 @@ class RunConfig:
             raise LensError(f"--copy-margin must be in [0, 1), got {self.copy_margin}")
         if self.copy_window_k < 1:
             raise LensError(f"--copy-window-k must be at least 1, got {self.copy_window_k}")
+        if self.batch_size < 1:
+            raise LensError(f"--batch-size must be at least 1, got {self.batch_size}")
         for value, allowed, flag in (
             (self.raw_lens, RAW_LENS_MODES, "--raw-lens"),
             (self.prism, PRISM_MODES, "--prism"),
@@ -85,70 +91,3 @@ class RunConfig:
         if not isinstance(value, dict):
             raise LensError("--device-map JSON must be an object mapping module names to devices")
         return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class Control:
-    prompt: str
-    answer: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Fact:
-    """One fact of a probe: a prompt, its gold answer, an ablation and a control."""
-
-    id: str
-    prompt: str
-    answer: str
-    no_filler: str | None = None
-    control: Control | None = None
-    important_words: tuple[str, ...] = ()
-    test_prompts: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Probe:
-    name: str
-    facts: tuple[Fact, ...] = field(default_factory=tuple)
-
-
-def _fact(raw: dict, where: str) -> Fact:
-    def text(key: str, obj: dict = raw, optional: bool = False) -> str | None:
-        value = obj.get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise LensError(f"{where}: field {key!r} must be a non-empty string")
-        return value
-
-    control = raw.get("control")
-    if control is not None and not isinstance(control, dict):
-        raise LensError(f"{where}: field 'control' must be an object with prompt and answer")
-    return Fact(
-        id=str(text("id")),
-        prompt=str(text("prompt")),
-        answer=str(text("answer")),
-        no_filler=text("no_filler", optional=True),
-        control=Control(prompt=str(text("prompt", control)), answer=str(text("answer", control)))
-        if control
-        else None,
-        important_words=tuple(raw.get("important_words", ())),
-        test_prompts=tuple(raw.get("test_prompts", ())),
-    )
-
-
-def parse_probe(raw: object, source: str) -> Probe:
-    """Validate a decoded probe document; errors name the source and the fact."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("facts"), list) or not raw["facts"]:
-        raise LensError(f"{source}: a probe needs a non-empty list 'facts'")
-    facts = tuple(
-        _fact(f if isinstance(f, dict) else {}, f"{source}: fact {i}")
-        for i, f in enumerate(raw["facts"])
-    )
-    return Probe(name=str(raw.get("name", Path(source).stem)), facts=facts)
-
-
-def default_probe() -> Probe:
-    """The built-in baseline probe (SPEC §1), shipped as ``lens/probes/default.json``."""
-    text = resources.files("lens").joinpath("probes/default.json").read_text(encoding="utf-8")
-    return parse_probe(json.loads(text), "default.json")

@@ -52,6 +52,8 @@ class PassContext:
     table: TokenTable
     head_transform: dict[str, float | None]
     """Logit transforms from the model config: ``scale`` and ``softcap`` (or None)."""
+    fact_id: str = ""
+    """The probe fact this pass belongs to."""
 
     @property
     def last(self) -> int:
@@ -80,6 +82,15 @@ class LayerStep:
     window: tuple[int, ...]
     """Top-1 ids at the last position of the last ≤ k layers, this layer's last."""
 
+    @property
+    def last_row(self) -> int:
+        """Row of the prompt's last position in this step's tensors.
+
+        ``seq - 1`` for a step over every position; ``0`` for a step decoded at
+        the last position only (the next-token-only lenses).
+        """
+        return int(self.logits.shape[0]) - 1
+
 
 @dataclass(frozen=True)
 class PositionRecord:
@@ -92,6 +103,7 @@ class PositionRecord:
     entropy: float
     topk: tuple[tuple[str, float], ...]
     rest_mass: float
+    fact_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class NextTokenRecord:
     answer_rank: int | None
     cos_to_final: float
     control_margin: float | None
+    fact_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,7 @@ class PositionEmitter:
             k = ctx.config.topk_verbose if ctx.verbose[pos] else ctx.config.topk_brief
             pairs = _topk_pairs(step, pos, k)
             yield PositionRecord(step.lens, ctx.prompt_id, ctx.variant, step.layer, pos, token,
-                                 entropies[pos], pairs, _rest(pairs))
+                                 entropies[pos], pairs, _rest(pairs), fact_id=ctx.fact_id)
 
 
 @dataclass(frozen=True)
@@ -206,10 +219,13 @@ def scalars(logp: Tensor, gold: GoldAnswer, table: TokenTable) -> Scalars:
 
 
 class NextTokenEmitter:
-    """The pure next-token record at the last position (SPEC §3.2)."""
+    """The pure next-token record at the last position (SPEC §3.2).
+
+    Works on full steps and on steps decoded at the last position only.
+    """
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
-        ctx, cfg, last = step.ctx, step.ctx.config, step.ctx.last
+        ctx, cfg, last = step.ctx, step.ctx.config, step.last_row
         logp = step.logp[last]
         pairs = _topk_pairs(step, last, cfg.topk_brief)
         s = scalars(logp, ctx.gold, ctx.table)
@@ -220,7 +236,7 @@ class NextTokenEmitter:
             margin = metrics.settle(s.p_answer - float(logp[ctx.contrast_first_id].exp()))  # type: ignore[operator]
         yield NextTokenRecord(
             lens=step.lens, prompt_id=ctx.prompt_id, variant=ctx.variant, layer=step.layer,
-            pos=last, token=NEXT_TOKEN, entropy=entropy, topk=pairs, rest_mass=_rest(pairs),
+            pos=ctx.last, token=NEXT_TOKEN, entropy=entropy, topk=pairs, rest_mass=_rest(pairs),
             copy_collapse=metrics.copy_collapse(
                 step.window, ctx.context_ids, p_top1=s.p_top1, p_top2=p2,
                 top1_text=ctx.table.text(s.top1_id), threshold=cfg.copy_threshold,
@@ -234,6 +250,7 @@ class NextTokenEmitter:
             answer_rank=s.rank,
             cos_to_final=float(metrics.cosine(step.logits[last], ctx.head_logits.to(step.logits.dtype))),
             control_margin=margin,
+            fact_id=ctx.fact_id,
         )
 
 
@@ -262,7 +279,7 @@ class RawLensCheck:
         ctx = step.ctx
         if step.layer not in raw_check_layers(ctx.config.raw_lens, ctx.n_layers):
             return
-        last = ctx.last
+        last = step.last_row
         raw_logits = self.raw.forward(step.resid[last:last + 1], step.layer)[0]
         raw_logp = metrics.log_probs(raw_logits, step.logp.dtype)
         norm = scalars(step.logp[last], ctx.gold, ctx.table)
@@ -288,7 +305,7 @@ class LastLayerConsistency:
         ctx = step.ctx
         if step.layer != ctx.n_layers:
             return
-        last = ctx.last
+        last = step.last_row
         z = step.logits[last]
         logp = step.logp[last]
         target = ctx.head_logp.to(logp.dtype)

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,64 @@ def capture(model: LoadedModel, ids: list[int]) -> Capture:
     resids = torch.stack(
         [layer0[0]] + [cache[f"blocks.{i}.hook_resid_post"][0].to(dev) for i in range(n)])
     return Capture(head_logits=logits[0].detach().to(dev), resids=resids.detach())
+
+
+PADDING_SIDES = ("left", "right")
+
+
+def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
+                  padding_side: str = "right") -> list[Capture]:
+    """Run several prompts in one padded forward; each capture is trimmed to its own tokens.
+
+    Padding is masked with a 2-D attention mask. With left padding a row's real
+    tokens no longer start at index 0, so their position ids must: the bridge
+    derives them from the mask (``cumsum(mask) - 1``, per row, only for rows
+    that need it) for every model whose forward accepts ``position_ids`` — the
+    learned positions of GPT-2 and the rotary angles of Llama alike. With right
+    padding the real tokens keep positions ``0..len-1`` and, in a causal model,
+    never attend to the padding after them. Either way a prompt's numbers equal
+    its single-prompt numbers up to float rounding (matmul shapes differ).
+
+    Args:
+        model: The loaded model.
+        batch: Token ids of each prompt (as ``tokenize`` gives them).
+        padding_side: ``"right"`` (default) or ``"left"``.
+
+    Returns:
+        One ``Capture`` per prompt: head logits (len_i, d_vocab) and residuals
+        (n_layers + 1, len_i, d_model), copied out of the batch tensors.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not batch:
+        return []
+    n, width = model.n_layers, max(len(ids) for ids in batch)
+    pad = model.tokenizer.pad_token_id
+    pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+    tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    spans = []
+    for row, ids in enumerate(batch):
+        start = width - len(ids) if padding_side == "left" else 0
+        tokens[row, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, start:start + len(ids)] = 1
+        spans.append(slice(start, start + len(ids)))
+    names = {"hook_embed", *(f"blocks.{i}.hook_resid_post" for i in range(n))}
+    if model.additive_positions:
+        names.add("hook_pos_embed")
+    with torch.no_grad(), model_precision(model.dtype):
+        logits, cache = model.bridge.run_with_cache(
+            tokens.to(model.device), attention_mask=mask.to(model.device),
+            names_filter=lambda h: h in names)
+    layer0 = cache["hook_embed"]
+    if model.additive_positions:
+        layer0 = layer0 + cache["hook_pos_embed"]  # (batch or 1, width, d_model) broadcasts
+    stacked = [layer0] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)]
+    return [
+        Capture(head_logits=logits[row, span].detach().clone(),
+                resids=torch.stack([t[row, span] for t in stacked]).detach().clone())
+        for row, span in enumerate(spans)
+    ]
 
 
 def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:

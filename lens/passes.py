@@ -42,7 +42,8 @@ CHUNK_ELEMENTS = 1 << 25
 class PassResult:
     ctx: PassContext
     records: tuple[Record, ...]
-    capture: Capture
+    capture: Capture | None
+    """The forward's residuals; dropped (None) after the run unless they are kept."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +63,9 @@ class Analysis:
     """Told ``(pass label, layer, n_layers)`` after each decoded layer (progress display)."""
     prism_summary: Mapping[str, Any] = field(default_factory=dict)
     """``diagnostics.prism_summary``, settled before any pass runs."""
+    next_token_lenses: tuple[Lens, ...] = ()
+    """Lenses decoded at the last position only, feeding pure next-token records that
+    no CSV holds (the raw lens at every layer, for the trajectory plot)."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:
@@ -119,14 +123,29 @@ class Pass:
             head_logits=head_logits, head_logp=torch.log_softmax(head_logits, dim=-1),
             verbose=tuple(i == len(ids) - 1 or is_verbose(t, words) for i, t in enumerate(tokens)),
             n_layers=model.n_layers, config=analysis.config, table=table,
-            head_transform=analysis.head_transform,
+            head_transform=analysis.head_transform, fact_id=self.fact.id,
         )
 
-    def run(self, analysis: Analysis) -> PassResult:
-        """Forward once, decode every layer with every lens, feed the emitters. Final."""
+    def token_ids(self, analysis: Analysis) -> list[int]:
+        """The prompt's token ids as the forward sees them."""
+        return tokenize(analysis.model, self.prompt())
+
+    def run(self, analysis: Analysis, cap: Capture | None = None) -> PassResult:
+        """Forward once, decode every layer with every lens, feed the emitters. Final.
+
+        Args:
+            analysis: The model, lenses and config shared by every pass.
+            cap: This pass's forward when it was already run (a row of a
+                batched forward, ``lens.model.capture_batch``); else the pass
+                runs its own forward.
+        """
         model = analysis.model
-        ids = tokenize(model, self.prompt())
-        cap = capture(model, ids)
+        ids = self.token_ids(analysis)
+        if cap is None:
+            cap = capture(model, ids)
+        elif cap.resids.shape[1] != len(ids):
+            raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
+                             f"the prompt {len(ids)} tokens")
         ctx = self.context(analysis, cap, ids)
         emitters = self.emitters(analysis)
         records: list[Record] = []
@@ -140,6 +159,10 @@ class Pass:
                     records.extend(emitter.emit(step))
                 if analysis.progress is not None:
                     analysis.progress(label, step.layer, model.n_layers)
+        for lens in analysis.next_token_lenses:
+            emitter = NextTokenEmitter()
+            for step in decode_steps(ctx, lens, cap.resids[:, -1:]):
+                records.extend(emitter.emit(step))
         return PassResult(ctx=ctx, records=tuple(records), capture=cap)
 
 

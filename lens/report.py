@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from lens import summaries
+from lens.aggregate import aggregate_report
 from lens.config import Fact, Probe, RunConfig
 from lens.emitters import (
     ConsistencyRecord,
@@ -22,10 +23,11 @@ from lens.emitters import (
     RawCheckRecord,
     Record,
 )
+from lens.errors import LensError
 from lens.lenses import NormLens, RawLens
 from lens.metrics import entropy_bits
-from lens.model import LoadedModel, head_logits, tokenize
-from lens.passes import Analysis, PassResult, passes_for
+from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
+from lens.passes import Analysis, Pass, PassResult, passes_for
 from lens.prism import resolve_prism
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
@@ -42,6 +44,21 @@ RECORDS_HEADER = (
     "rest_mass",
 )
 PURE_HEADER = (*RECORDS_HEADER, *PURE_EXTRA)
+FACT_COLUMN = "fact_id"
+"""Leading column of the records CSVs when a probe has more than one fact."""
+
+FactProgressFn = Callable[[int, int, str], None]
+"""``progress(facts_done, facts_total, last_fact_id)``, called as facts complete."""
+
+
+@dataclass(frozen=True, eq=False)
+class FactRun:
+    """One fact's passes and its SPEC report."""
+
+    fact: Fact
+    passes: tuple[PassResult, ...]
+    report: dict[str, Any]
+    """The report a probe holding only this fact would write (SPEC §6 keys)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,9 +66,19 @@ class ModelRun:
     """Everything one model's run produced, before it becomes bytes."""
 
     model: LoadedModel
+    probe: Probe
+    facts: tuple[FactRun, ...]
     records: tuple[Record, ...]
+    """Every fact's records, fact by fact in probe order, each in pass order."""
     report: dict[str, Any]
-    passes: tuple[PassResult, ...]
+    """``output-<name>.json``: the first fact's report, plus ``probe`` and ``facts``
+    when the probe has more than one fact."""
+    aggregate: dict[str, Any] | None
+    """``output-<name>-aggregate.json`` (probes with more than one fact), else None."""
+
+    @property
+    def passes(self) -> tuple[PassResult, ...]:
+        return tuple(p for f in self.facts for p in f.passes)
 
 
 def head_transform(hf_config: Any) -> dict[str, float | None]:
@@ -78,12 +105,14 @@ def build_analysis(model: LoadedModel, config: RunConfig, *,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
     prism = resolve_prism(config, name=model.name, d_model=model.d_model, unembed=unembed,
                           norms=model.norms)
+    raw = RawLens(unembed)
     return Analysis(
-        model=model, lens=NormLens(unembed, model.norms), raw=RawLens(unembed), config=config,
+        model=model, lens=NormLens(unembed, model.norms), raw=raw, config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
         progress=progress,
         sidecar_lenses=(prism.lens,) if prism.lens is not None else (),
         prism_summary=prism.summary,
+        next_token_lenses=(raw,),
     )
 
 
@@ -104,18 +133,76 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
-            progress: Callable[[str, int, int], None] | None = None) -> ModelRun:
-    """Run every pass of the probe's first fact and assemble the JSON report.
+def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]]) -> list[PassResult]:
+    """Run a chunk of passes: one forward each when alone, one padded forward when several."""
+    def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
+        return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
 
-    ``progress`` is told ``(pass label, layer, n_layers)`` as layers are decoded.
+    caps: list[Capture | None] = [None] * len(chunk)
+    if len(chunk) > 1:
+        ids = []
+        for fact, p in chunk:
+            try:
+                ids.append(p.token_ids(analysis))
+            except LensError as exc:
+                raise named(fact, p, exc) from exc
+        caps = list(capture_batch(analysis.model, ids))
+    results = []
+    for (fact, p), cap in zip(chunk, caps, strict=True):
+        try:
+            results.append(p.run(analysis, cap))
+        except LensError as exc:
+            raise named(fact, p, exc) from exc
+    return results
+
+
+def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
+            progress: Callable[[str, int, int], None] | None = None,
+            fact_progress: FactProgressFn | None = None) -> ModelRun:
+    """Run every pass of every fact of the probe and assemble the reports.
+
+    A one-fact probe runs each pass in its own forward (so its outputs are the
+    reference bytes); a probe with more facts runs its passes, fact by fact,
+    in padded batches of ``config.batch_size`` prompts. Residuals are kept only
+    with ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
+    n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
+    as facts complete.
     """
-    fact = probe.facts[0]
     analysis = build_analysis(model, config, progress=progress)
-    results = tuple(p.run(analysis) for p in passes_for(fact))
-    records = tuple(r for res in results for r in res.records)
-    return ModelRun(model=model, records=records, report=_report(model, fact, analysis, results),
-                    passes=results)
+    plan = [(fact, p) for fact in probe.facts for p in passes_for(fact)]
+    size = config.batch_size if probe.is_multi else 1
+    by_fact: dict[str, list[PassResult]] = {f.id: [] for f in probe.facts}
+    last_pass = {fact.id: i for i, (fact, _) in enumerate(plan)}
+    done = 0
+    for start in range(0, len(plan), size):
+        chunk = plan[start:start + size]
+        for (fact, _), res in zip(chunk, _run_chunk(analysis, chunk), strict=True):
+            by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
+        finished = sum(1 for i in last_pass.values() if i < start + size)
+        if fact_progress is not None and finished > done:
+            done = finished
+            fact_progress(done, len(probe.facts), probe.facts[done - 1].id)
+    facts = tuple(
+        FactRun(fact=f, passes=tuple(by_fact[f.id]),
+                report=_report(model, f, analysis, by_fact[f.id]))
+        for f in probe.facts
+    )
+    records = tuple(r for fr in facts for res in fr.passes for r in res.records)
+    report = facts[0].report
+    aggregate = None
+    if probe.is_multi:
+        report = {**report,
+                  "probe": {"name": probe.name, "n_facts": len(facts),
+                            "fact_ids": [fr.fact.id for fr in facts]},
+                  "facts": {fr.fact.id: fr.report for fr in facts}}
+        lens = analysis.lens.name
+        aggregate = aggregate_report(
+            model_id=model.model_id, probe=probe.name, n_layers=model.n_layers, lens=lens,
+            facts=[(fr.fact.id, _pure(fr.passes, lens, "pos", "orig"),
+                    _pure(fr.passes, lens, "pos", "no_filler") if fr.fact.no_filler else None)
+                   for fr in facts])
+    return ModelRun(model=model, probe=probe, facts=facts, records=records, report=report,
+                    aggregate=aggregate)
 
 
 def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str) -> list[NextTokenRecord]:
@@ -201,31 +288,46 @@ def _prefix(r: PositionRecord | NextTokenRecord) -> list[Any]:
     return cells
 
 
-def records_csv(records: Sequence[Record], lens: str) -> bytes:
-    rows = [_prefix(r) for r in records if isinstance(r, PositionRecord) and r.lens == lens]
-    return csv_bytes(RECORDS_HEADER, rows)
+def records_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False) -> bytes:
+    """The per-position CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
+    lead = (FACT_COLUMN,) if fact_column else ()
+    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r)]
+            for r in records if isinstance(r, PositionRecord) and r.lens == lens]
+    return csv_bytes((*lead, *RECORDS_HEADER), rows)
 
 
-def pure_csv(records: Sequence[Record], lens: str) -> bytes:
-    rows = [[*_prefix(r), *(getattr(r, f) for f in PURE_EXTRA)]
+def pure_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False) -> bytes:
+    """The pure next-token CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
+    lead = (FACT_COLUMN,) if fact_column else ()
+    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r),
+             *(getattr(r, f) for f in PURE_EXTRA)]
             for r in records if isinstance(r, NextTokenRecord) and r.lens == lens]
-    return csv_bytes(PURE_HEADER, rows)
+    return csv_bytes((*lead, *PURE_HEADER), rows)
 
 
 def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
-    """File name → canonical bytes for one model's run (SPEC §8)."""
-    name = run.model.name
+    """File name → canonical bytes for one model's run (SPEC §8).
+
+    A probe with more than one fact adds the ``fact_id`` column to the CSVs and
+    writes ``output-<name>-aggregate.json``; a one-fact probe writes exactly the
+    SPEC files.
+    """
+    name, multi = run.model.name, run.probe.is_multi
     files = {
         f"output-{name}.json": json_bytes(run.report),
-        f"output-{name}-records.csv": records_csv(run.records, "norm"),
-        f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm"),
+        f"output-{name}-records.csv": records_csv(run.records, "norm", fact_column=multi),
+        f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm", fact_column=multi),
     }
     if any(r.lens == "prism" for r in run.records):
-        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism")
-        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism")
+        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism",
+                                                                fact_column=multi)
+        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism",
+                                                                     fact_column=multi)
+    if run.aggregate is not None:
+        files[f"output-{name}-aggregate.json"] = json_bytes(run.aggregate)
     if config.keep_residuals:
         buffer = io.BytesIO()
-        torch.save({f"{p.ctx.prompt_id}/{p.ctx.variant}": p.capture.resids.cpu()
-                    for p in run.passes}, buffer)
+        torch.save({("" if not multi else f"{p.ctx.fact_id}/") + f"{p.ctx.prompt_id}/{p.ctx.variant}":
+                    p.capture.resids.cpu() for p in run.passes if p.capture is not None}, buffer)
         files[f"output-{name}-residuals.pt"] = buffer.getvalue()
     return files

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig, default_probe
+from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
 from lens.errors import LensError
+from lens.probe import builtin_probes, resolve_probe
 
 PROG = "python -m lens.run"
 
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "off disables (default auto)")
     p.add_argument("--prism-dir", type=Path, default=None,
                    help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
+    p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
+                   help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
+                        "(.json/.yaml, see README) (default: default)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per forward pass for probes with more than one fact (default 8)")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -78,6 +85,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
         device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
         keep_residuals=args.keep_residuals, device_map=args.device_map, n_devices=args.n_devices,
+        batch_size=args.batch_size,
     )
 
 
@@ -124,10 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    default=EMBEDDED_ID)
         if args.self_test:
             return self_test_main(models, config, quiet=args.quiet)
+        probe = resolve_probe(args.probe)
         with prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root) as out:
             if sweep:
-                return run_sweep(models, config, out, quiet=args.quiet)
-            result = run_one(models[0], config, out, default_probe(), quiet=args.quiet,
+                return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
+                                 plots=not args.no_plots)
+            result = run_one(models[0], config, out, probe, quiet=args.quiet,
+                             plots=not args.no_plots,
                              progress=Progress(quiet=args.quiet, prefix=models[0]))
     except LensError as exc:
         print(f"lens: error: {exc}", file=sys.stderr)

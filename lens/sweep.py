@@ -193,7 +193,8 @@ def _recover(out: RunDir, model: str, name: str, before: set[str], rc: int,
 
 
 def run_in_worker(model: str, config: RunConfig, out: RunDir, *, index: int, total: int,
-                  quiet: bool, argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv,
+                  quiet: bool, probe: str = "default", plots: bool = True,
+                  argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv,
                   ) -> tuple[ModelResult, bool]:
     """Run one model in its own process; returns its result and whether Ctrl-C was pressed."""
     from lens.model import output_name
@@ -204,7 +205,7 @@ def run_in_worker(model: str, config: RunConfig, out: RunDir, *, index: int, tot
     read_fd, write_fd = os.pipe()
     job = {"model": model, "config": config_to_json(config), "out_fd": out.fd,
            "out_path": str(out.path), "result_fd": write_fd, "staging": staging,
-           "quiet": quiet, "index": index, "total": total}
+           "quiet": quiet, "index": index, "total": total, "probe": probe, "plots": plots}
     start = time.monotonic()
     interrupted = False
     try:
@@ -313,7 +314,27 @@ class Summary:
 # ---------------------------------------------------------------- the sweep
 
 
+def _plot_sweep(out: RunDir, models: Sequence[str]) -> None:
+    """``sweep-trajectories.png``: every finished model on normalised depth (never overwritten).
+
+    Models whose pure CSV is missing are left out; a plot never fails a sweep.
+    """
+    from lens.model import output_name
+    from lens.plots import plot_sweep, sweep_model_from_dir
+
+    name = "sweep-trajectories.png"
+    names = [output_name(m) for m in models]
+    names = [n for n in names if out.exists(f"output-{n}-pure-next-token.csv")]
+    if not names or out.exists(name):
+        return
+    try:
+        out.create(name, plot_sweep([sweep_model_from_dir(out.path, n) for n in names]))
+    except Exception as exc:  # noqa: BLE001 - the summary is written; the picture is extra
+        print(f"lens: warning: no {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def run_sweep(models: Sequence[str], config: RunConfig, out: RunDir, *, quiet: bool,
+              probe: str = "default", plots: bool = True,
               argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv) -> int:
     """Run every model in its own worker process; returns the exit status.
 
@@ -326,7 +347,8 @@ def run_sweep(models: Sequence[str], config: RunConfig, out: RunDir, *, quiet: b
     try:
         for index, model in enumerate(models, 1):
             result, interrupted = run_in_worker(model, config, out, index=index,
-                                                total=len(models), quiet=quiet, argv=argv)
+                                                total=len(models), quiet=quiet, probe=probe,
+                                                plots=plots, argv=argv)
             results[model] = result
             if result.status == "interrupted":
                 print(f"lens: interrupted: {model}: {result.message}", file=sys.stderr)
@@ -340,6 +362,8 @@ def run_sweep(models: Sequence[str], config: RunConfig, out: RunDir, *, quiet: b
         interrupted = True
     summary.write(results, final=True)
     n_ok = sum(r.ok for r in results.values())
+    if plots and n_ok and not interrupted:
+        _plot_sweep(out, [m for m in models if m in results and results[m].ok])
     if not quiet:
         print(f"lens: sweep: {n_ok} of {len(models)} models ok -> {out.path / summary.md_name}")
     if interrupted:

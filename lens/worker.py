@@ -44,7 +44,9 @@ def output_file_names(name: str) -> tuple[str, ...]:
     """Every file a successful run of model ``name`` may write, ``output-<name>.json`` last."""
     return (f"output-{name}-records.csv", f"output-{name}-pure-next-token.csv",
             f"output-{name}-records-prism.csv", f"output-{name}-pure-next-token-prism.csv",
-            f"output-{name}-residuals.pt", f"evaluation-{name}.md", f"output-{name}.json")
+            f"output-{name}-residuals.pt", f"output-{name}-aggregate.json",
+            f"output-{name}-heatmap.png", f"output-{name}-trajectories.png",
+            f"evaluation-{name}.md", f"output-{name}.json")
 
 
 def error_file_name(name: str) -> str:
@@ -130,10 +132,39 @@ def evaluation_stub(name: str, report: Mapping[str, Any]) -> bytes:
         f"- model: `{d['model']}` ({report['model_stats']['num_layers']} layers, {d['dtype']})",
         f"- final top-1: {top[0]!r} (p = {top[1]:.3f})",
         f"- L_copy = {d['L_copy']}, L_semantic = {d['L_semantic']}, "
-        f"lens artifact risk = {d['raw_lens_check']['summary']['lens_artifact_risk']}", "",
-        "## Reading", "", "_Write your interpretation of the per-layer records here._", "",
+        f"lens artifact risk = {d['raw_lens_check']['summary']['lens_artifact_risk']}",
     ]
+    if "probe" in report:
+        lines.append(f"- probe `{report['probe']['name']}`: {report['probe']['n_facts']} facts "
+                     f"(numbers above: the first, `{report['probe']['fact_ids'][0]}`); statistics "
+                     f"across facts in `output-{name}-aggregate.json`")
+    lines += ["", "## Reading", "", "_Write your interpretation of the per-layer records here._", ""]
     return "\n".join(lines).encode("utf-8")
+
+
+class FactProgress:
+    """``lens: NAME: fact 3/24 (italy)`` on one rewritten stderr line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, done: int, total: int, fact_id: str) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r\x1b[2Klens: {self.name}: fact {done}/{total} ({fact_id})", end=end,
+              file=sys.stderr, flush=True)
+
+
+def _summary_line(run: Any) -> str:
+    if run.aggregate is None:
+        d = run.report["diagnostics"]
+        return f"L_copy={d['L_copy']} L_semantic={d['L_semantic']}"
+
+    def median(metric: str) -> str:
+        stat = run.aggregate["metrics"][metric]["orig"]
+        return "None" if stat["median"] is None else f"{stat['median']:g} ({stat['n']} facts)"
+
+    return (f"{run.aggregate['n_facts']} facts, median L_copy={median('L_copy')} "
+            f"L_semantic={median('L_semantic')}")
 
 
 class OutputExists(LensError):
@@ -172,7 +203,7 @@ def write_error_record(out: RunDir, name: str, result: ModelResult) -> None:
 
 
 def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quiet: bool,
-            progress: Progress | None = None, staging_name: str | None = None,
+            plots: bool = True, progress: Progress | None = None, staging_name: str | None = None,
             free: Callable[[str], float | None] | None = None) -> ModelResult:
     """Load, analyse and write one model into ``out``; never raises for the model's failures.
 
@@ -206,9 +237,15 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
                            device_map=config.device_map_value(), n_devices=config.n_devices,
                            free=free or free_memory, on_stage=at)
         at("analyse")
-        run = analyse(model, probe, config, progress=progress.layer)
+        show_facts = probe.is_multi and not quiet and sys.stderr.isatty()
+        run = analyse(model, probe, config, progress=progress.layer,
+                      fact_progress=FactProgress(name) if show_facts else None)
         files = output_files(run, config)
         files[f"evaluation-{name}.md"] = evaluation_stub(name, run.report)
+        if plots:
+            from lens.plots import plot_files
+
+            files.update(plot_files(run))
         at("write")
         _commit(out, files, staging_name)
         result = ModelResult(model=model_id, status="ok", summary=summary_fields(run.report))
@@ -232,11 +269,10 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
     if not result.ok and result.error_class != OutputExists.__name__:
         write_error_record(out, name, result)
     elif not quiet:
-        d = run.report["diagnostics"]
         top = run.report["final_prediction"]["topk"][0]
         print(f"lens: {name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
-              f"L_copy={d['L_copy']} L_semantic={d['L_semantic']} "
-              f"({time.perf_counter() - start:.1f}s) -> {out.path}", flush=True)
+              f"{_summary_line(run)} ({time.perf_counter() - start:.1f}s) -> {out.path}",
+              flush=True)
     return result
 
 
@@ -257,14 +293,20 @@ def config_from_json(raw: Mapping[str, Any]) -> RunConfig:
 
 def worker_main(job: Mapping[str, Any]) -> int:
     """Run one model of a sweep (``python -m lens.worker JOB``) and send back its result."""
-    from lens.config import default_probe
+    from lens.probe import resolve_probe
 
     result_fd = int(job["result_fd"])
     out = RunDir(int(job["out_fd"]), Path(job["out_path"]))
     progress = Progress(quiet=bool(job["quiet"]),
                         prefix=f"[{job['index']}/{job['total']}] {job['model']}")
-    result = run_one(job["model"], config_from_json(job["config"]), out, default_probe(),
-                     quiet=bool(job["quiet"]), progress=progress, staging_name=job["staging"])
+    try:
+        probe = resolve_probe(job.get("probe", "default"))
+    except LensError as exc:
+        print(f"lens: error: {exc}", file=sys.stderr)
+        return 1
+    result = run_one(job["model"], config_from_json(job["config"]), out, probe,
+                     quiet=bool(job["quiet"]), plots=bool(job.get("plots", True)),
+                     progress=progress, staging_name=job["staging"])
     with os.fdopen(result_fd, "wb") as pipe:
         pipe.write(json.dumps(result.to_json()).encode("utf-8"))
     return 0 if result.ok else (130 if result.status == "interrupted" else 1)

@@ -126,6 +126,7 @@ def test_sweep_survives_a_bad_model(run_lens, tmp_path, monkeypatch, capsys):
     md = files["summary.md"].decode()
     assert md.count("| tests/models/tiny-") == 2 and "| bad/nonexistent-id | failed |" in md
     assert "output-nonexistent-id.error.json" in md
+    assert files["sweep-trajectories.png"].startswith(b"\x89PNG\r\n\x1a\n")
 
 
 # ---------------------------------------------------------------- fake workers

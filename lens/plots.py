@@ -1,0 +1,345 @@
+"""PNG plots of a run: the logit-lens heatmap, per-layer trajectories, and a sweep overview.
+
+Everything is drawn on ``matplotlib.figure.Figure`` objects with the Agg
+canvas (no ``pyplot``, so no global backend or figure state), under a fixed
+style, at a fixed dpi, with sizes given in whole pixels and no ``Software``
+metadata — the same run gives the same image, and the tests can check the
+size. PNGs are not goldens: the CSVs hold the numbers.
+
+Files (beside the CSVs, ``--no-plots`` skips them):
+
+- ``output-<name>-heatmap.png`` — pos/orig, layer × position, the top-1 token
+  written in each cell, coloured by entropy (bits). One per fact: a probe
+  with more than one fact writes ``output-<name>-heatmap-<fact_id>.png``.
+- ``output-<name>-trajectories.png`` — p_answer, answer rank (log scale), KL
+  to the final head and entropy per layer at the next-token position, for
+  orig, no_filler and control, with the norm lens (solid), the raw lens
+  (dotted) and Prism (dashed, when its records exist). Over several facts each
+  line is the median across facts and the band (norm lens) the interquartile
+  range.
+- ``plot_sweep`` — the same four panels for several models on normalised depth
+  (layer / n_layers), pos/orig under the norm lens; for the sweep launcher.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lens.emitters import NextTokenRecord, PositionRecord
+from lens.writers import read_csv_rows, write_atomic
+
+DPI = 100
+STYLE = {
+    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10,
+    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
+    "axes.grid": False, "text.usetex": False, "svg.hashsalt": "lens",
+}
+CELL_W, CELL_H = 64, 22
+"""Heatmap cell size in pixels."""
+HEAT_MARGINS = {"left": 70, "right": 110, "top": 56, "bottom": 110}
+MAX_POSITIONS = 48
+"""The heatmap shows at most the last this-many positions."""
+CELL_CHARS = 9
+TRAJECTORY_SIZE = (1400, 1000)
+SWEEP_SIZE = (1400, 1000)
+VARIANTS = (("pos", "orig", "orig", "#1f77b4"), ("pos", "no_filler", "no_filler", "#ff7f0e"),
+            ("ctl", "orig", "control", "#2ca02c"))
+"""(prompt_id, variant, label, colour); earlier variants are drawn on top."""
+LENS_STYLES = (("norm", "-"), ("raw", ":"), ("prism", "--"))
+PANELS = (("p_answer", "p(answer)", "linear"), ("answer_rank", "answer rank", "log"),
+          ("kl_to_final_bits", "KL to final head (bits)", "linear"),
+          ("entropy", "entropy (bits)", "linear"))
+
+
+# --- drawing helpers ---------------------------------------------------------
+
+
+def _figure(width_px: int, height_px: int) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for exotic token text
+        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _style() -> Any:
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+def display_token(text: str, limit: int = CELL_CHARS) -> str:
+    """Token text as a cell label: control characters escaped, long text cut with '…'."""
+    shown = (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+             .replace("\t", "\\t"))
+    shown = "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in shown)
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
+
+
+# --- 1. heatmap ----------------------------------------------------------------
+
+
+def heatmap_size(n_positions: int, n_layers: int) -> tuple[int, int]:
+    """(width, height) in pixels of a heatmap of ``n_positions`` × (``n_layers`` + 1) cells."""
+    cols = min(n_positions, MAX_POSITIONS)
+    m = HEAT_MARGINS
+    return (m["left"] + m["right"] + cols * CELL_W,
+            m["top"] + m["bottom"] + (n_layers + 1) * CELL_H)
+
+
+def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str) -> bytes:
+    """The logit-lens heatmap of one pass: top-1 token per layer × position, colour = entropy.
+
+    Args:
+        records: The per-position records of one pass and one lens (every layer
+            0..n_layers × every position).
+        n_layers: Number of blocks; rows are layers 0..n_layers, layer 0 at the bottom.
+        title: Figure title.
+    """
+    grid: dict[tuple[int, int], PositionRecord] = {(r.layer, r.pos): r for r in records}
+    n_pos = 1 + max(pos for _, pos in grid)
+    first = max(0, n_pos - MAX_POSITIONS)
+    cols = list(range(first, n_pos))
+    entropy = np.full((n_layers + 1, len(cols)), np.nan)
+    for (layer, pos), r in grid.items():
+        if pos >= first:
+            entropy[layer, pos - first] = r.entropy
+    width, height = heatmap_size(n_pos, n_layers)
+    m = HEAT_MARGINS
+    with _style():
+        fig = _figure(width, height)
+        ax = fig.add_axes((m["left"] / width, m["bottom"] / height,
+                           len(cols) * CELL_W / width, (n_layers + 1) * CELL_H / height))
+        vmax = max(1.0, float(np.nanmax(entropy))) if np.isfinite(entropy).any() else 1.0
+        image = ax.imshow(entropy, origin="lower", aspect="auto", cmap="viridis",
+                          vmin=0.0, vmax=vmax, interpolation="nearest")
+        cmap, norm = image.get_cmap(), image.norm
+        for (layer, pos), r in sorted(grid.items()):
+            if pos < first or not r.topk:
+                continue
+            rgba = cmap(norm(r.entropy))
+            light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
+            ax.text(pos - first, layer, display_token(r.topk[0][0]), ha="center", va="center",
+                    fontsize=7, color="black" if light else "white", parse_math=False)
+        tokens = {r.pos: r.token for r in grid.values()}
+        ax.set_xticks(range(len(cols)),
+                      [display_token(tokens.get(p, ""), 14) for p in cols], rotation=60,
+                      ha="right", rotation_mode="anchor")
+        for label in ax.get_xticklabels():
+            label.set_parse_math(False)
+        ax.set_yticks(range(n_layers + 1))
+        ax.set_xlabel("input position (token)" + (f", last {len(cols)} of {n_pos}" if first else ""))
+        ax.set_ylabel("layer")
+        ax.set_title(title, parse_math=False)
+        cax = fig.add_axes(((width - m["right"] + 16) / width, m["bottom"] / height,
+                            14 / width, (n_layers + 1) * CELL_H / height))
+        fig.colorbar(image, cax=cax, label="entropy (bits)")
+        return _png(fig)
+
+
+# --- trajectories ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One pure next-token value set, from a record or a CSV row."""
+
+    fact_id: str
+    prompt_id: str
+    variant: str
+    lens: str
+    layer: int
+    values: dict[str, float]
+    """p_answer, answer_rank, kl_to_final_bits, entropy (nan when missing)."""
+
+
+def _num(value: object) -> float:
+    if value is None or value == "":
+        return math.nan
+    return float(value)  # type: ignore[arg-type]
+
+
+def points(rows: Iterable[NextTokenRecord | Mapping[str, str]], *, lens: str = "norm") -> list[Point]:
+    """Normalise pure records, or rows of a pure CSV read as dicts, to ``Point``s.
+
+    CSV rows carry no lens column: they get ``lens`` (the CSV's own lens).
+    """
+    out = []
+    for r in rows:
+        if isinstance(r, NextTokenRecord):
+            out.append(Point(r.fact_id, r.prompt_id, r.variant, r.lens, r.layer,
+                             {k: _num(getattr(r, k)) for k, _, _ in PANELS}))
+        else:
+            out.append(Point(r.get("fact_id", ""), r["prompt_id"], r["prompt_variant"], lens,
+                             int(r["layer"]), {k: _num(r.get(k)) for k, _, _ in PANELS}))
+    return out
+
+
+def _series(pts: Sequence[Point], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(layers, median, q25, q75) across facts, per layer."""
+    by_layer: dict[int, list[float]] = {}
+    for p in pts:
+        by_layer.setdefault(p.layer, []).append(p.values[metric])
+    layers = np.array(sorted(by_layer), dtype=float)
+    med, q25, q75 = [], [], []
+    for layer in sorted(by_layer):
+        v = np.array([x for x in by_layer[layer] if math.isfinite(x)])
+        stats = (np.median(v), *np.percentile(v, [25, 75])) if v.size else (math.nan,) * 3
+        for out, value in zip((med, q25, q75), stats, strict=True):
+            out.append(float(value))
+    return layers, np.array(med), np.array(q25), np.array(q75)
+
+
+def _panels(fig: Any, xlabel: str, *, integer_x: bool) -> list[Any]:
+    from matplotlib.ticker import MaxNLocator
+
+    axes = fig.subplots(2, 2, gridspec_kw={"left": 0.07, "right": 0.98, "top": 0.92,
+                                           "bottom": 0.16, "hspace": 0.28, "wspace": 0.18})
+    flat = list(axes.flat)
+    for ax, (_, label, scale) in zip(flat, PANELS, strict=True):
+        ax.set_title(label)
+        ax.set_yscale(scale)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return flat
+
+
+def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> bytes:
+    """Per-layer p_answer, rank, KL and entropy for orig/no_filler/control × every lens.
+
+    Args:
+        records: Pure next-token records of any number of facts (and lenses).
+        title: Figure title.
+    """
+    pts = points(records)
+    n_facts = len({p.fact_id for p in pts})
+    with _style():
+        fig = _figure(*TRAJECTORY_SIZE)
+        axes = _panels(fig, "layer", integer_x=True)
+        handles = []
+        for rank, (prompt_id, variant, label, colour) in enumerate(VARIANTS):
+            for lens, style in LENS_STYLES:
+                sel = [p for p in pts if (p.prompt_id, p.variant, p.lens) == (prompt_id, variant, lens)]
+                if not sel:
+                    continue
+                line = None
+                for ax, (metric, _, _) in zip(axes, PANELS, strict=True):
+                    layers, med, q25, q75 = _series(sel, metric)
+                    if not np.isfinite(med).any():
+                        continue
+                    line, = ax.plot(layers, med, style, color=colour, linewidth=1.6,
+                                    label=f"{label} · {lens}", zorder=3 + len(VARIANTS) - rank)
+                    if n_facts > 1 and lens == "norm":
+                        ax.fill_between(layers, q25, q75, color=colour, alpha=0.15, linewidth=0,
+                                        zorder=1)
+                if line is not None:
+                    handles.append(line)
+        if handles:
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False)
+        suffix = f" — median over {n_facts} facts, band: interquartile range" if n_facts > 1 else ""
+        fig.suptitle(title + suffix, parse_math=False)
+        return _png(fig)
+
+
+# --- 3. sweep --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """One model of a sweep: its name, depth and pure next-token records.
+
+    ``pure`` holds ``NextTokenRecord``s, or the rows of its
+    ``output-<name>-pure-next-token.csv`` as dicts (``sweep_model_from_dir``).
+    """
+
+    name: str
+    n_layers: int
+    pure: Sequence[NextTokenRecord | Mapping[str, str]]
+
+
+def sweep_model_from_dir(out_dir: str | Path, name: str) -> SweepModel:
+    """Read a model's written outputs (``output-<name>.json`` and its pure CSV) back for a sweep."""
+    import json
+
+    out_dir = Path(out_dir)
+    report = json.loads((out_dir / f"output-{name}.json").read_text(encoding="utf-8"))
+    header, *rows = read_csv_rows((out_dir / f"output-{name}-pure-next-token.csv").read_bytes())
+    return SweepModel(name=name, n_layers=int(report["model_stats"]["num_layers"]),
+                      pure=[dict(zip(header, row, strict=True)) for row in rows])
+
+
+def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> bytes:
+    """All models' pos/orig trajectories (norm lens) on normalised depth, layer / n_layers.
+
+    Over several facts each line is the median across facts. Returns the PNG
+    bytes and, with ``path``, writes them there atomically.
+    """
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"]
+    with _style():
+        fig = _figure(*SWEEP_SIZE)
+        axes = _panels(fig, "normalised depth (layer / n_layers)", integer_x=False)
+        handles = []
+        for i, model in enumerate(models):
+            sel = [p for p in points(model.pure)
+                   if (p.prompt_id, p.variant, p.lens) == ("pos", "orig", "norm")]
+            line = None
+            for ax, (metric, _, _) in zip(axes, PANELS, strict=True):
+                layers, med, _, _ = _series(sel, metric)
+                if sel and np.isfinite(med).any():
+                    line, = ax.plot(layers / max(1, model.n_layers), med, "-",
+                                    color=colours(i % 10), linewidth=1.6, label=model.name)
+            if line is not None:
+                handles.append(line)
+        if handles:
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False)
+        fig.suptitle("logit lens across models: pos/orig, norm lens", parse_math=False)
+        data = _png(fig)
+    if path is not None:
+        write_atomic(Path(path), data)
+    return data
+
+
+# --- a run's files ---------------------------------------------------------------
+
+
+def plot_files(run: Any) -> dict[str, bytes]:
+    """File name → PNG bytes for one model's run (``lens.report.ModelRun``)."""
+    name, n_layers = run.model.name, run.model.n_layers
+    multi = run.probe.is_multi
+    files: dict[str, bytes] = {}
+    for fact_run in run.facts:
+        fid = fact_run.fact.id
+        recs = [r for p in fact_run.passes for r in p.records
+                if isinstance(r, PositionRecord) and r.lens == "norm"
+                and (r.prompt_id, r.variant) == ("pos", "orig")]
+        file = f"output-{name}-heatmap-{fid}.png" if multi else f"output-{name}-heatmap.png"
+        files[file] = plot_heatmap(
+            recs, n_layers=n_layers,
+            title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)")
+    pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
+    what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
+    files[f"output-{name}-trajectories.png"] = plot_trajectories(
+        pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed)")
+    return files
