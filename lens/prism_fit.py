@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prism-dir", type=Path, default=None,
                    help="artifacts go to <prism-dir>/<name>/ (default prisms/)")
     p.add_argument("--k", type=int, default=K_DEFAULT,
-                   help=f"dimensions to align (default {K_DEFAULT}; lowered to what the sample supports)")
+                   help=f"dimensions to align (default {K_DEFAULT}; lowered to what the sample "
+                        "supports)")
     p.add_argument("--reservoir", type=int, default=RESERVOIR_DEFAULT,
                    help=f"rows kept for the principal axes (default {RESERVOIR_DEFAULT})")
     p.add_argument("--seed", type=int, default=SEED, help=f"reservoir seed (default {SEED})")
@@ -172,7 +173,8 @@ def collect(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int], *
     return Sample(moments, res, per_layer, tokens)
 
 
-def choose_k(requested: int, *, d_model: int, distinct: int, rank_wu: int) -> tuple[int, str | None]:
+def choose_k(requested: int, *, d_model: int, distinct: int,
+             rank_wu: int) -> tuple[int, str | None]:
     """k = min(requested, d_model, distinct − 1, rank W_U), and why it was lowered (or None)."""
     limits = {"d_model": d_model, "distinct fit vectors - 1": distinct - 1, "rank of W_U": rank_wu}
     k = min(requested, *limits.values())
@@ -186,7 +188,8 @@ def held_out_kl(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int
                 lenses: Sequence[Lens], progress: Progress) -> list[dict[str, Any]]:
     """Mean KL(P_lens ‖ P_final) in bits over every held-out position, per layer and lens."""
     dtype = analysis_dtype(model.dtype)
-    sums: dict[tuple[int, str], list[float]] = {(L, lens.name): [] for L in layers for lens in lenses}
+    sums: dict[tuple[int, str], list[float]] = {
+        (L, lens.name): [] for L in layers for lens in lenses}
     count = 0
     for i, prompt in enumerate(prompts):
         progress.show(f"prism_fit: {model.name}: held-out KL {i + 1}/{len(prompts)} prompts")
@@ -199,8 +202,10 @@ def held_out_kl(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int
             for lens in lenses:
                 logp = metrics.log_probs(lens.forward(cap.resids[layer, keep], layer), dtype)
                 sums[(layer, lens.name)].extend(metrics.kl_bits(logp, final).tolist())
-    return [{"layer": L, "positions": count,
-             **{lens.name: metrics.settle(math.fsum(sums[(L, lens.name)]) / count) for lens in lenses}}
+    def mean(layer: int, lens: Lens) -> float:
+        return metrics.settle(math.fsum(sums[(layer, lens.name)]) / count)
+
+    return [{"layer": L, "positions": count, **{lens.name: mean(L, lens) for lens in lenses}}
             for L in layers]
 
 

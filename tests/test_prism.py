@@ -183,7 +183,8 @@ def test_welford_in_float32_stays_close_over_a_long_stream():
     moments = RunningMoments(4, dtype=torch.float32)
     for chunk in x.split(37):
         moments.update(chunk)
-    torch.testing.assert_close(moments.var.double(), x.var(dim=0, unbiased=False), rtol=1e-4, atol=0)
+    torch.testing.assert_close(moments.var.double(), x.var(dim=0, unbiased=False),
+                               rtol=1e-4, atol=0)
 
 
 # --------------------------------------------------------------------------- reservoir
@@ -399,7 +400,8 @@ def test_sidecar_csvs_match_golden(llama_prism, run_lens, golden_csv):
     status, files, err = run_lens(*args, "--prism", "on", "--prism-dir", str(llama_prism))
     assert status == 0, err
     assert files[f"output-{name}-records-prism.csv"] == golden_csv(name="records-prism")
-    assert files[f"output-{name}-pure-next-token-prism.csv"] == golden_csv(name="pure-next-token-prism")
+    assert (files[f"output-{name}-pure-next-token-prism.csv"]
+            == golden_csv(name="pure-next-token-prism"))
 
     summary = json.loads(files[f"output-{name}.json"])["diagnostics"]["prism_summary"]
     assert summary == {"mode": "on", "artifact_path": str(llama_prism / name), "present": True,
@@ -454,7 +456,8 @@ def _truncate(file: str):
 
 def _bad_provenance(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
-    (dst / "tiny-llama" / "provenance.json").write_text('{"k": 32, "layers": [2, 3', encoding="utf-8")
+    (dst / "tiny-llama" / "provenance.json").write_text('{"k": 32, "layers": [2, 3',
+                                                        encoding="utf-8")
 
 
 def _partial(src: Path, dst: Path) -> None:
@@ -518,13 +521,15 @@ def test_off_ignores_even_broken_artifacts(tmp_path, llama_prism, tiny_models):
     _truncate("whiten.pt")(llama_prism, root)
     analysis = build_analysis(tiny_models["tiny-llama"], RunConfig(prism="off", prism_dir=root))
     assert analysis.sidecar_lenses == ()
-    assert dict(analysis.prism_summary) == {"mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
-                       "compatible": False, "k": None, "layers": None, "error": None}
+    assert dict(analysis.prism_summary) == {
+        "mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
+        "compatible": False, "k": None, "layers": None, "error": None}
 
 
 def test_non_orthogonal_Q_is_refused(tmp_path):
     art = _identity_artifacts(8)
-    PrismArtifacts(mean=art.mean, var=art.var, eps=art.eps, Q=2 * art.Q, provenance={}).save(tmp_path)
+    bad = PrismArtifacts(mean=art.mean, var=art.var, eps=art.eps, Q=2 * art.Q, provenance={})
+    bad.save(tmp_path)
     with pytest.raises(Exception, match="not orthogonal"):
         load_artifacts(tmp_path)
     assert math.isclose(orthogonality_error(2 * art.Q), math.sqrt(8 * 9))
