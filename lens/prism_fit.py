@@ -20,7 +20,7 @@ import importlib.metadata
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +33,7 @@ from lens.config import DEVICES, DTYPES, SEED
 from lens.emitters import depth_layers
 from lens.errors import LensError
 from lens.lenses import Lens, NormLens
-from lens.model import LoadedModel, capture, tokenize
+from lens.model import Capture, LoadedModel, capture_batch, tokenize
 from lens.prism import (
     DEFAULT_DIR,
     EPS,
@@ -55,6 +55,8 @@ HELD_OUT_EVERY = 5
 K_DEFAULT = 512
 RESERVOIR_DEFAULT = 20000
 FORMAT_VERSION = 1
+BATCH_TOKENS = 1024
+"""Prompts run together, right-padded, up to this many padded tokens per forward."""
 ARTIFACT_DTYPE = torch.float32
 """Artifacts are stored in float32 whatever the model's dtype. Float32 is all the
 lens needs (SPEC §7: fp32 statistics, fp32 W_U), and it makes a float64 fit
@@ -136,6 +138,19 @@ class Progress:
             self.stream.flush()
 
 
+def captures(model: LoadedModel, prompts: Sequence[str]) -> Iterator[tuple[list[int], Capture]]:
+    """(ids, capture) per prompt, in order; consecutive prompts share a padded forward."""
+    pending: list[list[int]] = []
+    for prompt in prompts:
+        ids = tokenize(model, prompt)
+        width = max([len(ids), *(len(p) for p in pending)])
+        if pending and width * (len(pending) + 1) > BATCH_TOKENS:
+            yield from zip(pending, capture_batch(model, pending), strict=True)
+            pending = []
+        pending.append(ids)
+    yield from zip(pending, capture_batch(model, pending), strict=True)
+
+
 def _positions(model: LoadedModel, ids: list[int]) -> slice:
     """Every position but a leading BOS (identical in every prompt, so one vector at most)."""
     bos = model.tokenizer.bos_token_id
@@ -158,11 +173,9 @@ def collect(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int], *
     res = Reservoir(reservoir, seed=seed, dtype=stats_dtype)
     per_layer = dict.fromkeys(layers, 0)
     tokens = 0
-    for i, prompt in enumerate(prompts):
+    for i, (ids, cap) in enumerate(captures(model, prompts)):
         progress.show(f"prism_fit: {model.name}: collecting {i + 1}/{len(prompts)} prompts, "
                       f"{sum(per_layer.values())} vectors")
-        ids = tokenize(model, prompt)
-        cap = capture(model, ids)
         keep = _positions(model, ids)
         tokens += len(ids[keep])
         for layer in layers:
@@ -191,10 +204,8 @@ def held_out_kl(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int
     sums: dict[tuple[int, str], list[float]] = {
         (L, lens.name): [] for L in layers for lens in lenses}
     count = 0
-    for i, prompt in enumerate(prompts):
+    for i, (ids, cap) in enumerate(captures(model, prompts)):
         progress.show(f"prism_fit: {model.name}: held-out KL {i + 1}/{len(prompts)} prompts")
-        ids = tokenize(model, prompt)
-        cap = capture(model, ids)
         keep = _positions(model, ids)
         final = torch.log_softmax(cap.head_logits[keep].to(dtype), dim=-1)
         count += int(final.shape[0])

@@ -25,7 +25,7 @@ from lens import prism_fit
 from lens.config import RunConfig, default_probe
 from lens.emitters import Sidecar, check_emitter
 from lens.lenses import NormLens
-from lens.model import capture, tokenize
+from lens.model import capture, capture_batch, tokenize
 from lens.passes import OrigPass, decode_steps
 from lens.prism import (
     EPS,
@@ -319,6 +319,27 @@ def test_fit_is_deterministic(tiny_models):
         assert torch.equal(x, y)
     strip = lambda p: {k: v for k, v in p.items() if k not in ("date", "seconds")}  # noqa: E731
     assert strip(a.provenance) == strip(b.provenance)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_batched_capture_matches_one_prompt_at_a_time(tiny_models, name):
+    model = tiny_models[name]
+    ids = [tokenize(model, p) for p in TINY_PROMPTS[:4]]
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
+    for one, batched in zip(ids, capture_batch(model, ids), strict=True):
+        single = capture(model, one)
+        assert batched.resids.shape == single.resids.shape
+        torch.testing.assert_close(batched.resids, single.resids, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.head_logits, single.head_logits, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_does_not_depend_on_batching(tiny_models, monkeypatch):
+    model = tiny_models["tiny-gpt2"]
+    wide = prism_fit.fit(model, TINY_PROMPTS, source="test").artifacts
+    monkeypatch.setattr(prism_fit, "BATCH_TOKENS", 20)
+    narrow = prism_fit.fit(model, TINY_PROMPTS, source="test").artifacts
+    for x, y in ((wide.mean, narrow.mean), (wide.var, narrow.var), (wide.Q, narrow.Q)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
 def test_fit_lowers_k_to_the_sample(tiny_models):
