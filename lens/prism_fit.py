@@ -123,9 +123,9 @@ def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
 class Progress:
     """A one-line ``\\r`` progress display on stderr, shown only when stderr is a terminal."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self.stream = stream or sys.stderr
-        self.active = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.active = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
 
     def show(self, text: str) -> None:
         if self.active:
@@ -327,7 +327,7 @@ def fit_model(model_id: str, prompts: Sequence[str], source: str, args: argparse
     start = time.perf_counter()
     model = load_model(model_id, device=args.device, dtype=args.dtype)
     result = fit(model, prompts, source=source, k_requested=args.k, reservoir=args.reservoir,
-                 seed=args.seed)
+                 seed=args.seed, progress=Progress(enabled=not args.quiet))
     directory = (args.prism_dir or DEFAULT_DIR) / model.name
     try:
         result.artifacts.save(directory)

@@ -360,12 +360,20 @@ def test_builtin_prompt_set_is_large_and_varied():
     assert sum("Germany" in p or "Berlin" in p for p in prompts) <= 2
 
 
-def test_progress_is_silent_off_a_terminal():
-    stream = io.StringIO()
-    progress = prism_fit.Progress(stream)
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream,enabled,shown", [
+    (io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)])
+def test_progress_shows_only_on_a_terminal_and_not_when_quiet(stream, enabled, shown):
+    out = stream()
+    progress = prism_fit.Progress(out, enabled=enabled)
     progress.show("collecting 1/2")
     progress.done()
-    assert stream.getvalue() == ""
+    assert ("collecting 1/2" in out.getvalue()) == shown
+    assert out.getvalue().endswith("\r\033[K") == shown
 
 
 @pytest.mark.parametrize("args,expected", [
