@@ -191,7 +191,7 @@ def orthogonality_error(Q: Tensor) -> float:
 
 
 def procrustes(E_k: Tensor, U_k: Tensor) -> tuple[Tensor, bool]:
-    """The orthogonal (d, d) ``Q`` minimising ``‖E_kᵀ Q − U_kᵀ‖_F``, and whether QR was needed.
+    """The orthogonal (d, d) ``Q`` minimising ``‖E_kᵀ Q − U_kᵀ‖_F``, and if QR was needed.
 
     Args:
         E_k: (d, k) orthonormal columns (principal axes of the whitened sample).
@@ -291,7 +291,8 @@ def _vector(value: Any, file: Path, key: str) -> Tensor:
     return value
 
 
-def load_artifacts(path: Path, *, d_model: int | None = None, model: str = "the model") -> PrismArtifacts:
+def load_artifacts(path: Path, *, d_model: int | None = None,
+                   model: str = "the model") -> PrismArtifacts:
     """Read and validate the artifacts under ``path``.
 
     Raises:
@@ -313,12 +314,14 @@ def load_artifacts(path: Path, *, d_model: int | None = None, model: str = "the 
     eps = w["eps"]
     if isinstance(eps, Tensor) and eps.numel() == 1:
         eps = float(eps)
-    if not isinstance(eps, float | int) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+    if (not isinstance(eps, float | int) or isinstance(eps, bool) or not math.isfinite(eps)
+            or eps < 0):
         raise PrismError(f"{path / WHITEN_FILE}: 'eps' must be a finite number >= 0")
     if bool((var < 0).any()) or (eps == 0 and bool((var == 0).any())):
         raise PrismError(f"{path / WHITEN_FILE}: 'var' must be positive; refit: {FIT_HINT}")
     Q = _load_tensor_file(path / Q_FILE)
-    if not isinstance(Q, Tensor) or Q.ndim != 2 or Q.shape[0] != Q.shape[1] or not Q.is_floating_point():
+    if (not isinstance(Q, Tensor) or Q.ndim != 2 or Q.shape[0] != Q.shape[1]
+            or not Q.is_floating_point()):
         raise PrismError(f"{path / Q_FILE} must hold one square float matrix; refit: {FIT_HINT}")
     if not bool(torch.isfinite(Q).all()):
         raise PrismError(f"{path / Q_FILE} has non-finite values; refit: {FIT_HINT}")
@@ -351,7 +354,8 @@ class PrismLens(Lens):
 
     name = "prism"
 
-    def __init__(self, unembed: Unembed, norms: Sequence[NormSpec], artifacts: PrismArtifacts) -> None:
+    def __init__(self, unembed: Unembed, norms: Sequence[NormSpec],
+                 artifacts: PrismArtifacts) -> None:
         super().__init__(unembed)
         self.norms = tuple(norms)
         self.artifacts = artifacts

@@ -20,7 +20,7 @@ import importlib.metadata
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +33,7 @@ from lens.config import DEVICES, DTYPES, SEED
 from lens.emitters import depth_layers
 from lens.errors import LensError
 from lens.lenses import Lens, NormLens
-from lens.model import LoadedModel, capture, tokenize
+from lens.model import Capture, LoadedModel, capture_batch, tokenize
 from lens.prism import (
     DEFAULT_DIR,
     EPS,
@@ -55,6 +55,8 @@ HELD_OUT_EVERY = 5
 K_DEFAULT = 512
 RESERVOIR_DEFAULT = 20000
 FORMAT_VERSION = 1
+BATCH_TOKENS = 1024
+"""Prompts run together, right-padded, up to this many padded tokens per forward."""
 ARTIFACT_DTYPE = torch.float32
 """Artifacts are stored in float32 whatever the model's dtype. Float32 is all the
 lens needs (SPEC §7: fp32 statistics, fp32 W_U), and it makes a float64 fit
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prism-dir", type=Path, default=None,
                    help="artifacts go to <prism-dir>/<name>/ (default prisms/)")
     p.add_argument("--k", type=int, default=K_DEFAULT,
-                   help=f"dimensions to align (default {K_DEFAULT}; lowered to what the sample supports)")
+                   help=f"dimensions to align (default {K_DEFAULT}; lowered to what the sample "
+                        "supports)")
     p.add_argument("--reservoir", type=int, default=RESERVOIR_DEFAULT,
                    help=f"rows kept for the principal axes (default {RESERVOIR_DEFAULT})")
     p.add_argument("--seed", type=int, default=SEED, help=f"reservoir seed (default {SEED})")
@@ -120,9 +123,9 @@ def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
 class Progress:
     """A one-line ``\\r`` progress display on stderr, shown only when stderr is a terminal."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self.stream = stream or sys.stderr
-        self.active = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.active = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
 
     def show(self, text: str) -> None:
         if self.active:
@@ -133,6 +136,19 @@ class Progress:
         if self.active:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def captures(model: LoadedModel, prompts: Sequence[str]) -> Iterator[tuple[list[int], Capture]]:
+    """(ids, capture) per prompt, in order; consecutive prompts share a padded forward."""
+    pending: list[list[int]] = []
+    for prompt in prompts:
+        ids = tokenize(model, prompt)
+        width = max([len(ids), *(len(p) for p in pending)])
+        if pending and width * (len(pending) + 1) > BATCH_TOKENS:
+            yield from zip(pending, capture_batch(model, pending), strict=True)
+            pending = []
+        pending.append(ids)
+    yield from zip(pending, capture_batch(model, pending), strict=True)
 
 
 def _positions(model: LoadedModel, ids: list[int]) -> slice:
@@ -157,11 +173,9 @@ def collect(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int], *
     res = Reservoir(reservoir, seed=seed, dtype=stats_dtype)
     per_layer = dict.fromkeys(layers, 0)
     tokens = 0
-    for i, prompt in enumerate(prompts):
+    for i, (ids, cap) in enumerate(captures(model, prompts)):
         progress.show(f"prism_fit: {model.name}: collecting {i + 1}/{len(prompts)} prompts, "
                       f"{sum(per_layer.values())} vectors")
-        ids = tokenize(model, prompt)
-        cap = capture(model, ids)
         keep = _positions(model, ids)
         tokens += len(ids[keep])
         for layer in layers:
@@ -172,7 +186,8 @@ def collect(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int], *
     return Sample(moments, res, per_layer, tokens)
 
 
-def choose_k(requested: int, *, d_model: int, distinct: int, rank_wu: int) -> tuple[int, str | None]:
+def choose_k(requested: int, *, d_model: int, distinct: int,
+             rank_wu: int) -> tuple[int, str | None]:
     """k = min(requested, d_model, distinct − 1, rank W_U), and why it was lowered (or None)."""
     limits = {"d_model": d_model, "distinct fit vectors - 1": distinct - 1, "rank of W_U": rank_wu}
     k = min(requested, *limits.values())
@@ -186,12 +201,11 @@ def held_out_kl(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int
                 lenses: Sequence[Lens], progress: Progress) -> list[dict[str, Any]]:
     """Mean KL(P_lens ‖ P_final) in bits over every held-out position, per layer and lens."""
     dtype = analysis_dtype(model.dtype)
-    sums: dict[tuple[int, str], list[float]] = {(L, lens.name): [] for L in layers for lens in lenses}
+    sums: dict[tuple[int, str], list[float]] = {
+        (L, lens.name): [] for L in layers for lens in lenses}
     count = 0
-    for i, prompt in enumerate(prompts):
+    for i, (ids, cap) in enumerate(captures(model, prompts)):
         progress.show(f"prism_fit: {model.name}: held-out KL {i + 1}/{len(prompts)} prompts")
-        ids = tokenize(model, prompt)
-        cap = capture(model, ids)
         keep = _positions(model, ids)
         final = torch.log_softmax(cap.head_logits[keep].to(dtype), dim=-1)
         count += int(final.shape[0])
@@ -199,8 +213,10 @@ def held_out_kl(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int
             for lens in lenses:
                 logp = metrics.log_probs(lens.forward(cap.resids[layer, keep], layer), dtype)
                 sums[(layer, lens.name)].extend(metrics.kl_bits(logp, final).tolist())
-    return [{"layer": L, "positions": count,
-             **{lens.name: metrics.settle(math.fsum(sums[(L, lens.name)]) / count) for lens in lenses}}
+    def mean(layer: int, lens: Lens) -> float:
+        return metrics.settle(math.fsum(sums[(layer, lens.name)]) / count)
+
+    return [{"layer": L, "positions": count, **{lens.name: mean(L, lens) for lens in lenses}}
             for L in layers]
 
 
@@ -311,7 +327,7 @@ def fit_model(model_id: str, prompts: Sequence[str], source: str, args: argparse
     start = time.perf_counter()
     model = load_model(model_id, device=args.device, dtype=args.dtype)
     result = fit(model, prompts, source=source, k_requested=args.k, reservoir=args.reservoir,
-                 seed=args.seed)
+                 seed=args.seed, progress=Progress(enabled=not args.quiet))
     directory = (args.prism_dir or DEFAULT_DIR) / model.name
     try:
         result.artifacts.save(directory)

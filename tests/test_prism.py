@@ -25,7 +25,7 @@ from lens import prism_fit
 from lens.config import RunConfig, default_probe
 from lens.emitters import Sidecar, check_emitter
 from lens.lenses import NormLens
-from lens.model import capture, tokenize
+from lens.model import capture, capture_batch, tokenize
 from lens.passes import OrigPass, decode_steps
 from lens.prism import (
     EPS,
@@ -183,7 +183,8 @@ def test_welford_in_float32_stays_close_over_a_long_stream():
     moments = RunningMoments(4, dtype=torch.float32)
     for chunk in x.split(37):
         moments.update(chunk)
-    torch.testing.assert_close(moments.var.double(), x.var(dim=0, unbiased=False), rtol=1e-4, atol=0)
+    torch.testing.assert_close(moments.var.double(), x.var(dim=0, unbiased=False),
+                               rtol=1e-4, atol=0)
 
 
 # --------------------------------------------------------------------------- reservoir
@@ -320,6 +321,27 @@ def test_fit_is_deterministic(tiny_models):
     assert strip(a.provenance) == strip(b.provenance)
 
 
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_batched_capture_matches_one_prompt_at_a_time(tiny_models, name):
+    model = tiny_models[name]
+    ids = [tokenize(model, p) for p in TINY_PROMPTS[:4]]
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
+    for one, batched in zip(ids, capture_batch(model, ids), strict=True):
+        single = capture(model, one)
+        assert batched.resids.shape == single.resids.shape
+        torch.testing.assert_close(batched.resids, single.resids, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.head_logits, single.head_logits, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_does_not_depend_on_batching(tiny_models, monkeypatch):
+    model = tiny_models["tiny-gpt2"]
+    wide = prism_fit.fit(model, TINY_PROMPTS, source="test").artifacts
+    monkeypatch.setattr(prism_fit, "BATCH_TOKENS", 20)
+    narrow = prism_fit.fit(model, TINY_PROMPTS, source="test").artifacts
+    for x, y in ((wide.mean, narrow.mean), (wide.var, narrow.var), (wide.Q, narrow.Q)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
 def test_fit_lowers_k_to_the_sample(tiny_models):
     model = tiny_models["tiny-llama"]
     few = ["Berlin Paris", "Rome Madrid", "Tokyo London", "Vienna Europe", "Paris Berlin"]
@@ -338,12 +360,20 @@ def test_builtin_prompt_set_is_large_and_varied():
     assert sum("Germany" in p or "Berlin" in p for p in prompts) <= 2
 
 
-def test_progress_is_silent_off_a_terminal():
-    stream = io.StringIO()
-    progress = prism_fit.Progress(stream)
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream,enabled,shown", [
+    (io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)])
+def test_progress_shows_only_on_a_terminal_and_not_when_quiet(stream, enabled, shown):
+    out = stream()
+    progress = prism_fit.Progress(out, enabled=enabled)
     progress.show("collecting 1/2")
     progress.done()
-    assert stream.getvalue() == ""
+    assert ("collecting 1/2" in out.getvalue()) == shown
+    assert out.getvalue().endswith("\r\033[K") == shown
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -399,7 +429,8 @@ def test_sidecar_csvs_match_golden(llama_prism, run_lens, golden_csv):
     status, files, err = run_lens(*args, "--prism", "on", "--prism-dir", str(llama_prism))
     assert status == 0, err
     assert files[f"output-{name}-records-prism.csv"] == golden_csv(name="records-prism")
-    assert files[f"output-{name}-pure-next-token-prism.csv"] == golden_csv(name="pure-next-token-prism")
+    assert (files[f"output-{name}-pure-next-token-prism.csv"]
+            == golden_csv(name="pure-next-token-prism"))
 
     summary = json.loads(files[f"output-{name}.json"])["diagnostics"]["prism_summary"]
     assert summary == {"mode": "on", "artifact_path": str(llama_prism / name), "present": True,
@@ -454,7 +485,8 @@ def _truncate(file: str):
 
 def _bad_provenance(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
-    (dst / "tiny-llama" / "provenance.json").write_text('{"k": 32, "layers": [2, 3', encoding="utf-8")
+    (dst / "tiny-llama" / "provenance.json").write_text('{"k": 32, "layers": [2, 3',
+                                                        encoding="utf-8")
 
 
 def _partial(src: Path, dst: Path) -> None:
@@ -518,13 +550,15 @@ def test_off_ignores_even_broken_artifacts(tmp_path, llama_prism, tiny_models):
     _truncate("whiten.pt")(llama_prism, root)
     analysis = build_analysis(tiny_models["tiny-llama"], RunConfig(prism="off", prism_dir=root))
     assert analysis.sidecar_lenses == ()
-    assert dict(analysis.prism_summary) == {"mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
-                       "compatible": False, "k": None, "layers": None, "error": None}
+    assert dict(analysis.prism_summary) == {
+        "mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
+        "compatible": False, "k": None, "layers": None, "error": None}
 
 
 def test_non_orthogonal_Q_is_refused(tmp_path):
     art = _identity_artifacts(8)
-    PrismArtifacts(mean=art.mean, var=art.var, eps=art.eps, Q=2 * art.Q, provenance={}).save(tmp_path)
+    bad = PrismArtifacts(mean=art.mean, var=art.var, eps=art.eps, Q=2 * art.Q, provenance={})
+    bad.save(tmp_path)
     with pytest.raises(Exception, match="not orthogonal"):
         load_artifacts(tmp_path)
     assert math.isclose(orthogonality_error(2 * art.Q), math.sqrt(8 * 9))
