@@ -117,9 +117,9 @@ class NextTokenRecord:
     entropy: float
     topk: tuple[tuple[str, float], ...]
     rest_mass: float
-    copy_collapse: bool
-    entropy_collapse: bool
-    is_answer: bool
+    copy_collapse: bool | None
+    entropy_collapse: bool | None
+    is_answer: bool | None
     p_top1: float
     p_top5: float
     p_answer: float | None
@@ -135,15 +135,15 @@ class RawCheckRecord:
     lens: str
     layer: int
     kl_norm_vs_raw_bits: float
-    top1_agree: bool
+    top1_agree: bool | None
     p_top1_norm: float
     p_top1_raw: float
     p_answer_norm: float | None
     p_answer_raw: float | None
     answer_rank_norm: int | None
     answer_rank_raw: int | None
-    is_answer_norm: bool
-    is_answer_raw: bool
+    is_answer_norm: bool | None
+    is_answer_raw: bool | None
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class ConsistencyRecord:
     lens: str
     layer: int
     kl_to_final_bits: float
-    top1_agree: bool
+    top1_agree: bool | None
     p_top1_lens: float
     p_top1_model: float
     p_answer_lens: float | None
@@ -160,7 +160,7 @@ class ConsistencyRecord:
     kl_after_temp_bits: float
     cfg_transform: tuple[tuple[str, float | None], ...]
     kl_after_transform_bits: tuple[tuple[str, float | None], ...]
-    warn_high_last_layer_kl: bool
+    warn_high_last_layer_kl: bool | None
 
 
 Record = PositionRecord | NextTokenRecord | RawCheckRecord | ConsistencyRecord
@@ -189,11 +189,13 @@ class PositionEmitter:
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx = step.ctx
         entropies = step.entropy.tolist()
+        finite = torch.isfinite(step.logits).all(dim=-1).tolist()
         for pos, token in enumerate(ctx.tokens):
             k = ctx.config.topk_verbose if ctx.verbose[pos] else ctx.config.topk_brief
-            pairs = _topk_pairs(step, pos, k)
+            pairs = _topk_pairs(step, pos, k) if finite[pos] else ()
             yield PositionRecord(step.lens, ctx.prompt_id, ctx.variant, step.layer, pos, token,
-                                 entropies[pos], pairs, _rest(pairs), fact_id=ctx.fact_id)
+                                 entropies[pos] if finite[pos] else math.nan, pairs,
+                                 _rest(pairs) if finite[pos] else math.nan, fact_id=ctx.fact_id)
 
 
 @dataclass(frozen=True)
@@ -201,14 +203,24 @@ class Scalars:
     """The last position's answer-related numbers under one distribution."""
 
     p_top1: float
-    top1_id: int
+    top1_id: int | None
     p_answer: float | None
     rank: int | None
-    is_answer: bool
+    is_answer: bool | None
+
+    @property
+    def finite(self) -> bool:
+        return self.top1_id is not None
 
 
 def scalars(logp: Tensor, gold: GoldAnswer, table: TokenTable) -> Scalars:
-    """p_top1, p_answer, rank and is_answer of one (d_vocab,) log-distribution."""
+    """p_top1, p_answer, rank and is_answer of one (d_vocab,) log-distribution.
+
+    A distribution with non-finite values gives NaN and None (written as null):
+    a rank counted against NaN would claim rank 1.
+    """
+    if not bool(torch.isfinite(logp).all()):
+        return Scalars(math.nan, None, None if gold.first_id is None else math.nan, None, None)
     top = int(torch.argmax(logp))
     p_top1 = float(logp[top].exp())
     if gold.first_id is not None:
@@ -227,8 +239,11 @@ class NextTokenEmitter:
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx, cfg, last = step.ctx, step.ctx.config, step.last_row
         logp = step.logp[last]
-        pairs = _topk_pairs(step, last, cfg.topk_brief)
         s = scalars(logp, ctx.gold, ctx.table)
+        if not s.finite:
+            yield self._non_finite(step)
+            return
+        pairs = _topk_pairs(step, last, cfg.topk_brief)
         p2 = float(step.top_p[last, 1]) if step.top_p.shape[1] > 1 else 0.0
         entropy = float(step.entropy[last])
         margin = None
@@ -252,6 +267,17 @@ class NextTokenEmitter:
             control_margin=margin,
             fact_id=ctx.fact_id,
         )
+
+    @staticmethod
+    def _non_finite(step: LayerStep) -> NextTokenRecord:
+        """The record of a layer whose logits are not finite: every metric null."""
+        ctx, nan = step.ctx, math.nan
+        return NextTokenRecord(
+            lens=step.lens, prompt_id=ctx.prompt_id, variant=ctx.variant, layer=step.layer,
+            pos=ctx.last, token=NEXT_TOKEN, entropy=nan, topk=(), rest_mass=nan,
+            copy_collapse=None, entropy_collapse=None, is_answer=None, p_top1=nan, p_top5=nan,
+            p_answer=None if ctx.gold.first_id is None else nan, kl_to_final_bits=nan,
+            answer_rank=None, cos_to_final=nan, control_margin=None, fact_id=ctx.fact_id)
 
 
 def depth_layers(n_layers: int) -> tuple[int, ...]:
@@ -287,7 +313,7 @@ class RawLensCheck:
         yield RawCheckRecord(
             lens=step.lens, layer=step.layer,
             kl_norm_vs_raw_bits=metrics.settle(metrics.kl_bits(step.logp[last], raw_logp)),
-            top1_agree=norm.top1_id == raw.top1_id,
+            top1_agree=norm.top1_id == raw.top1_id if norm.finite and raw.finite else None,
             p_top1_norm=norm.p_top1, p_top1_raw=raw.p_top1,
             p_answer_norm=norm.p_answer, p_answer_raw=raw.p_answer,
             answer_rank_norm=norm.rank, answer_rank_raw=raw.rank,
@@ -327,14 +353,15 @@ class LastLayerConsistency:
         both = torch.tanh((z / scale) / softcap) * softcap if scale and softcap else None
         yield ConsistencyRecord(
             lens=step.lens, layer=step.layer, kl_to_final_bits=kl,
-            top1_agree=lens_s.top1_id == head_s.top1_id,
+            top1_agree=lens_s.top1_id == head_s.top1_id if lens_s.finite and head_s.finite else None,
             p_top1_lens=lens_s.p_top1, p_top1_model=head_s.p_top1,
             p_answer_lens=lens_s.p_answer, answer_rank_lens=lens_s.rank,
-            temp_est=float(temps[best]), kl_after_temp_bits=metrics.settle(kls[best]),
+            temp_est=float(temps[best]) if math.isfinite(kl) else math.nan,
+            kl_after_temp_bits=metrics.settle(kls[best]),
             cfg_transform=(("scale", scale), ("softcap", softcap)),
             kl_after_transform_bits=(("scale", kl_after(scaled)), ("softcap", kl_after(capped)),
                                      ("scale_then_softcap", kl_after(both))),
-            warn_high_last_layer_kl=kl > 0.5,
+            warn_high_last_layer_kl=kl > 0.5 if math.isfinite(kl) else None,
         )
 
 

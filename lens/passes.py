@@ -44,6 +44,8 @@ class PassResult:
     records: tuple[Record, ...]
     capture: Capture | None
     """The forward's residuals; dropped (None) after the run unless they are kept."""
+    non_finite_layer: int | None = None
+    """The first layer whose residual (or, as layer n+1, the model's head) is not finite."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,7 +165,8 @@ class Pass:
             emitter = NextTokenEmitter()
             for step in decode_steps(ctx, lens, cap.resids[:, -1:]):
                 records.extend(emitter.emit(step))
-        return PassResult(ctx=ctx, records=tuple(records), capture=cap)
+        return PassResult(ctx=ctx, records=tuple(records), capture=cap,
+                          non_finite_layer=first_non_finite_layer(cap))
 
 
 class OrigPass(Pass):
@@ -210,6 +213,14 @@ def passes_for(fact: Fact) -> list[Pass]:
     if fact.control:
         passes.append(ControlPass(fact))
     return passes
+
+
+def first_non_finite_layer(cap: Capture) -> int | None:
+    """The first layer with a NaN/Inf in the residual stream; n+1 if only the head has one."""
+    bad = ~torch.isfinite(cap.resids).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        return int(bad.nonzero()[0, 0])
+    return None if bool(torch.isfinite(cap.head_logits).all()) else int(cap.resids.shape[0])
 
 
 def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:

@@ -247,6 +247,8 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
                                      copy_window_k=config.copy_window_k),
+        "non_finite": summaries.non_finite_summary(
+            [(f"{r.ctx.prompt_id}/{r.ctx.variant}", r.non_finite_layer) for r in results]),
     }
     report: dict[str, Any] = {
         "prompt": {"type": "prompt", "context_prompt": orig.ctx.prompt,

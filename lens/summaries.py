@@ -99,3 +99,16 @@ def consistency_summary(record: ConsistencyRecord | None) -> dict[str, Any] | No
     values["cfg_transform"] = dict(record.cfg_transform)
     values["kl_after_transform_bits"] = dict(record.kl_after_transform_bits)
     return values
+
+
+def non_finite_summary(passes: Sequence[tuple[str, int | None]]) -> dict[str, Any] | None:
+    """Where NaN/Inf first appeared: per pass the first non-finite layer (n+1 = only the head).
+
+    None when every pass stayed finite; otherwise metrics from those layers on
+    are written as null, never as numbers computed from garbage.
+    """
+    bad = {label: layer for label, layer in passes if layer is not None}
+    if not bad:
+        return None
+    first = next(iter(bad))
+    return {"first_pass": first, "first_layer": bad[first], "passes": bad}

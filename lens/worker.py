@@ -142,6 +142,18 @@ def evaluation_stub(name: str, report: Mapping[str, Any]) -> bytes:
     return "\n".join(lines).encode("utf-8")
 
 
+def warn_non_finite(name: str, report: Mapping[str, Any]) -> None:
+    """One stderr line per fact whose run produced NaN/Inf (never silent, even with --quiet)."""
+    reports = report.get("facts") or {None: report}
+    for fact_id, fact_report in reports.items():
+        flag = fact_report["diagnostics"].get("non_finite")
+        if flag:
+            where = f" fact {fact_id}," if fact_id is not None else ""
+            print(f"lens: warning: {name}:{where} non-finite values from layer "
+                  f"{flag['first_layer']} of {flag['first_pass']} on; affected metrics are null "
+                  "(diagnostics.non_finite)", file=sys.stderr, flush=True)
+
+
 class FactProgress:
     """``lens: NAME: fact 3/24 (italy)`` on one rewritten stderr line."""
 
@@ -240,6 +252,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
         show_facts = probe.is_multi and not quiet and sys.stderr.isatty()
         run = analyse(model, probe, config, progress=progress.layer,
                       fact_progress=FactProgress(name) if show_facts else None)
+        warn_non_finite(name, run.report)
         files = output_files(run, config)
         files[f"evaluation-{name}.md"] = evaluation_stub(name, run.report)
         if plots:

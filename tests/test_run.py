@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -142,63 +140,3 @@ def test_rotation_with_a_fixed_clock(tmp_path):
     assert (tmp_path / "run-20260102-0304" / "a.txt").read_text() == "first"
     assert (tmp_path / "run-20260102-0304-2" / "a.txt").read_text() == "second"
     assert (tmp_path / "run-latest" / "timestamp-20260102-0304").exists()
-
-
-def _copy_model(tmp_path: Path, drop: tuple[str, ...]) -> Path:
-    target = tmp_path / "model"
-    shutil.copytree(MODELS / "tiny-gpt2", target)
-    for name in drop:
-        (target / name).unlink()
-    return target
-
-
-def _truncated_weights(tmp_path: Path) -> Path:
-    target = _copy_model(tmp_path, ())
-    weights = target / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    return target
-
-
-BAD_INPUTS = {
-    "missing-dir": (lambda tmp: ["./no/such/model"], "does not exist"),
-    "no-weights": (lambda tmp: [str(_copy_model(tmp, ("model.safetensors",)))], "no weights in"),
-    "no-tokenizer": (lambda tmp: [str(_copy_model(tmp, ("tokenizer.json",)))], "no tokenizer in"),
-    "corrupt-weights": (lambda tmp: [str(_truncated_weights(tmp))], "cannot load weights"),
-    "unreachable-hub": (lambda tmp: ["some-org/some-model"], "hub is unreachable"),
-    "copy-threshold": (lambda tmp: ["--copy-threshold", "1.5"], "--copy-threshold"),
-    "copy-window": (lambda tmp: ["--copy-window-k", "0"], "--copy-window-k"),
-    "unknown-device": (lambda tmp: ["--device", "tpu"], "--device"),
-    "unknown-flag": (lambda tmp: ["--frobnicate"], "unrecognized arguments"),
-    "out-dir-is-file": (lambda tmp: ["tests/models/tiny-gpt2", "--out_dir", str(tmp / "f.txt")],
-                        "is an existing file"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gives_one_line(case, tmp_path, monkeypatch, capsys):
-    import lens.model
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(lens.model, "_hub_reachable", lambda timeout=3.0: False)
-    (tmp_path / "f.txt").write_text("not a directory")
-    make_args, expected = BAD_INPUTS[case]
-    args = make_args(tmp_path)
-    if "--out_dir" not in args:
-        args += ["--out_dir", str(tmp_path / "out")]
-    monkeypatch.chdir(MODELS.parents[1])
-    try:
-        status = main(args)
-    except SystemExit as exc:  # argparse errors
-        status = exc.code
-    err = capsys.readouterr().err
-    assert status not in (0, None)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert expected in lines[0] and "Traceback" not in err
-    out = tmp_path / "out"
-    written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    assert all(n.endswith(".error.json") for n in written), written  # a failure record, no outputs
-    for n in written:
-        record = json.loads((out / n).read_text())
-        assert list(record) == ["model", "stage", "error_class", "message"]
-        assert record["message"] in lines[0]
