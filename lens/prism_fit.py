@@ -31,6 +31,7 @@ import torch
 from lens import metrics
 from lens.config import DEVICES, DTYPES, SEED
 from lens.emitters import depth_layers
+from lens.cli import OneLineParser
 from lens.errors import LensError
 from lens.lenses import Lens, NormLens
 from lens.model import Capture, LoadedModel, capture_batch, tokenize
@@ -64,15 +65,11 @@ bit-identical across CPU kernels: PCA amplifies the fit's last-bit kernel noise
 (~1e-16) to ~1e-14, still far below float32 resolution (6e-8)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from lens.embedded import EMBEDDED_ID
 
-    p = _Parser(prog=PROG, description="Fit the Prism lens (whitening + orthogonal map) of models.")
+    p = OneLineParser(prog=PROG,
+                      description="Fit the Prism lens (whitening + orthogonal map) of models.")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help=f"hub id, local Hugging Face directory, or {EMBEDDED_ID} (default)")
     p.add_argument("--prompts-file", type=Path, default=None,

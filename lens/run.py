@@ -14,24 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
+from lens.cli import OneLineParser
 from lens.errors import LensError
 from lens.probe import builtin_probes, resolve_probe
 
 PROG = "python -m lens.run"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from lens.embedded import EMBEDDED_ID
     from lens.sweep import PRESETS
 
-    p = _Parser(prog=PROG, description="Layer-by-layer logit-lens probe of causal language models.")
+    p = OneLineParser(prog=PROG,
+                      description="Layer-by-layer logit-lens probe of causal language models.")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help=f"hub id, local Hugging Face directory, or {EMBEDDED_ID} (default)")
     p.add_argument("--models-file", type=Path, default=None, metavar="FILE",
