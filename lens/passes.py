@@ -28,6 +28,7 @@ from lens.emitters import (
 from lens.gold import GoldAnswer, align, encode
 from lens.lenses import Lens, RawLens
 from lens.model import Capture, LoadedModel, capture, tokenize
+from lens.timing import StageTimer, maybe_iterate, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import analysis_dtype
 from lens.windows import RollingWindow
@@ -117,20 +118,27 @@ class Pass:
             head_transform=analysis.head_transform,
         )
 
-    def run(self, analysis: Analysis) -> PassResult:
-        """Forward once, decode every layer with every lens, feed the emitters. Final."""
+    def run(self, analysis: Analysis, *, timer: StageTimer | None = None) -> PassResult:
+        """Forward once, decode every layer with every lens, feed the emitters. Final.
+
+        ``timer`` (optional) accumulates ``breakdown/capture``, ``breakdown/decode``
+        and ``breakdown/emit`` seconds.
+        """
         model = analysis.model
         ids = tokenize(model, self.prompt())
-        cap = capture(model, ids)
+        with maybe_stage(timer, "breakdown/capture"):
+            cap = capture(model, ids)
         ctx = self.context(analysis, cap, ids)
         emitters = self.emitters(analysis)
         records: list[Record] = []
         for lens in (analysis.lens, *analysis.sidecar_lenses):
             fed = [e for e in emitters
                    if (e.lens.name if isinstance(e, Sidecar) else analysis.lens.name) == lens.name]
-            for step in decode_steps(ctx, lens, cap.resids):
-                for emitter in fed:
-                    records.extend(emitter.emit(step))
+            steps = decode_steps(ctx, lens, cap.resids)
+            for step in maybe_iterate(timer, "breakdown/decode", steps):
+                with maybe_stage(timer, "breakdown/emit"):
+                    for emitter in fed:
+                        records.extend(emitter.emit(step))
         return PassResult(ctx=ctx, records=tuple(records), capture=cap)
 
 

@@ -27,6 +27,7 @@ from lens.metrics import entropy_bits
 from lens.model import LoadedModel, head_logits, tokenize
 from lens.passes import Analysis, PassResult, passes_for
 from lens.prism import prism_summary
+from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 from lens.writers import csv_bytes, json_bytes
@@ -93,14 +94,21 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def analyse(model: LoadedModel, probe: Probe, config: RunConfig) -> ModelRun:
-    """Run every pass of the probe's first fact and assemble the JSON report."""
+def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
+            timer: StageTimer | None = None) -> ModelRun:
+    """Run every pass of the probe's first fact and assemble the JSON report.
+
+    ``timer`` (optional) gets ``passes/<prompt_id>/<variant>`` and ``head_probes`` seconds.
+    """
     fact = probe.facts[0]
     analysis = build_analysis(model, config)
-    results = tuple(p.run(analysis) for p in passes_for(fact))
+    results = []
+    for p in passes_for(fact):
+        with maybe_stage(timer, f"passes/{p.prompt_id}/{p.variant}"):
+            results.append(p.run(analysis, timer=timer))
     records = tuple(r for res in results for r in res.records)
-    return ModelRun(model=model, records=records, report=_report(model, fact, analysis, results),
-                    passes=results)
+    report = _report(model, fact, analysis, results, timer=timer)
+    return ModelRun(model=model, records=records, report=report, passes=tuple(results))
 
 
 def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str) -> list[NextTokenRecord]:
@@ -110,7 +118,7 @@ def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str
 
 
 def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
-            results: Sequence[PassResult]) -> dict[str, Any]:
+            results: Sequence[PassResult], *, timer: StageTimer | None = None) -> dict[str, Any]:
     config, table, lens = analysis.config, analysis.table, analysis.lens.name
     orig = results[0]
     dtype = analysis_dtype(model.dtype)
@@ -162,10 +170,12 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         report["control_summary"] = summaries.control_summary(_pure(results, lens, "ctl", "orig"))
     head = orig.ctx.head_logits
     report["final_prediction"] = _head_entry("final_prediction", table, head, 20, dtype)
-    report["test_prompts"] = [
-        _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype, prompt=p)
-        for p in fact.test_prompts
-    ]
+    with maybe_stage(timer, "head_probes"):
+        report["test_prompts"] = [
+            _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype,
+                        prompt=p)
+            for p in fact.test_prompts
+        ]
     report["temperature_exploration"] = [
         _head_entry("temperature_exploration", table, head / t, 15, dtype, temperature=t)
         for t in (0.1, 2.0)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,17 +77,26 @@ def evaluation_stub(name: str, report: dict) -> bytes:
     return "\n".join(lines).encode("utf-8")
 
 
+def timings_file(name: str) -> str:
+    """Seconds per stage: a file of their own, outside the byte-reproducible outputs."""
+    return f"output-{name}-timings.json"
+
+
 def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, quiet: bool) -> None:
     """Load, analyse and write one model's outputs into ``out_dir``; never overwrite a file."""
     from lens.model import load_model
     from lens.report import analyse, output_files
+    from lens.timing import StageTimer
+    from lens.writers import json_bytes
 
-    start = time.perf_counter()
-    model = load_model(model_id, device=config.device, dtype=config.dtype)
-    run = analyse(model, probe, config)
+    timer = StageTimer()
+    with timer.stage("load"):
+        model = load_model(model_id, device=config.device, dtype=config.dtype)
+    run = analyse(model, probe, config, timer=timer)
+    timer.start("write")
     files = output_files(run, config)
     files[f"evaluation-{model.name}.md"] = evaluation_stub(model.name, run.report)
-    clash = [n for n in files if (out_dir / n).exists()]
+    clash = [n for n in (*files, timings_file(model.name)) if (out_dir / n).exists()]
     if clash:
         raise LensError(f"{out_dir / clash[0]} exists from an earlier run; lens never overwrites "
                         "a run: choose a new --out_dir or omit it to rotate run-latest/")
@@ -97,12 +106,16 @@ def run_model(model_id: str, config: RunConfig, out_dir: Path, probe: Probe, *, 
     except OSError as exc:
         raise LensError(f"cannot write outputs into {out_dir}: {exc.strerror or exc}; "
                         "free space or choose another --out_dir") from exc
+    timer.stop("write")
+    with contextlib.suppress(OSError):  # timings are a convenience, never a failed run
+        write_atomic(out_dir / timings_file(model.name), json_bytes(timer.as_dict()))
     if not quiet:
         d = run.report["diagnostics"]
         top = run.report["final_prediction"]["topk"][0]
         print(f"lens: {model.name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
               f"L_copy={d['L_copy']} L_semantic={d['L_semantic']} "
-              f"({time.perf_counter() - start:.1f}s) -> {out_dir}")
+              f"({timer.total():.1f}s) -> {out_dir}")
+        print(f"lens: {model.name}: seconds: {timer.summary()}", file=sys.stderr)
 
 
 def self_test_main(model_ids: Sequence[str], config: RunConfig) -> int:
