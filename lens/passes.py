@@ -139,6 +139,7 @@ class Pass:
                 with maybe_stage(timer, "breakdown/emit"):
                     for emitter in fed:
                         records.extend(emitter.emit(step))
+                del step  # let decode_steps free this chunk before decoding the next
         return PassResult(ctx=ctx, records=tuple(records), capture=cap)
 
 
@@ -189,12 +190,21 @@ def passes_for(fact: Fact) -> list[Pass]:
 
 
 def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:
-    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer."""
+    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer.
+
+    A chunk holds at most a third of the pass's layers (and at most
+    ``CHUNK_ELEMENTS`` logits), so that its working set (logits, log-probs and
+    one temporary for the entropy) stays within the size of one pass's full
+    logits tensor. The generator lets go of a chunk before decoding the next, so
+    a consumer that drops each step before asking for the next one (as
+    ``Pass.run`` does; a step's tensors are views of its chunk) holds one chunk
+    at a time.
+    """
     n_layers, seq, _ = resids.shape
     vocab = lens.unembed.d_vocab
     dtype = ctx.head_logp.dtype
     k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, seq * vocab))
+    per_chunk = max(1, min(CHUNK_ELEMENTS // max(1, seq * vocab), -(-n_layers // 3)))
     window = RollingWindow(ctx.config.copy_window_k)
     for start in range(0, n_layers, per_chunk):
         layers = list(range(start, min(n_layers, start + per_chunk)))
@@ -210,3 +220,4 @@ def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[Layer
                 logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
                 window=window.push(last_top1[i]),
             )
+        del logits, logp, entropy, top_logp, top_ids, top_p
