@@ -72,26 +72,29 @@ class StageTimer:
         return time.perf_counter() - self._start
 
     def as_dict(self) -> dict[str, Any]:
-        """Stages (nested at the first ``/``) in first-entry order, then ``total``."""
+        """Stages (nested at the first ``/``) in first-entry order, then ``total``.
+
+        Seconds are rounded to microseconds: finer digits are clock noise.
+        """
         out: dict[str, Any] = {}
         for name, seconds in self._seconds.items():
             group, sep, rest = name.partition("/")
             if sep:
-                out.setdefault(group, {})[rest] = seconds
+                out.setdefault(group, {})[rest] = round(seconds, 6)
             else:
-                out[name] = seconds
-        out["total"] = self.total()
+                out[name] = round(seconds, 6)
+        out["total"] = round(self.total(), 6)
         return out
 
     def summary(self) -> str:
-        """One line: ``load 3.1s, pos/orig 0.5s, …, total 5.2s`` (top-level stages and passes)."""
+        """One line: ``load 3.100s, pos/orig 0.500s, …, total 5.200s`` (stages and passes)."""
         parts = []
         for name, value in self.as_dict().items():
             if isinstance(value, dict):
                 if name == "passes":
-                    parts.extend(f"{k} {v:.2f}s" for k, v in value.items())
+                    parts.extend(f"{k} {v:.3f}s" for k, v in value.items())
             else:
-                parts.append(f"{name} {value:.2f}s")
+                parts.append(f"{name} {value:.3f}s")
         return ", ".join(parts)
 
 
