@@ -25,16 +25,27 @@ def log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
 
 def entropy_bits(logp: Tensor) -> Tensor:
     """Shannon entropy in bits of each distribution (..., vocab) → (...)."""
-    p = logp.exp()
-    terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    return (-terms.sum(dim=-1) / LN2).clamp_min(0.0)
+    return (-_sum_where_p_positive(logp.exp().mul_(logp), logp) / LN2).clamp_min(0.0)
 
 
 def kl_bits(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(P ‖ Q) in bits, (..., vocab) → (...); terms with p = 0 contribute 0."""
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return (terms.sum(dim=-1) / LN2).clamp_min(0.0)
+    return (_sum_where_p_positive((logp - logq).mul_(logp.exp()), logp) / LN2).clamp_min(0.0)
+
+
+def _sum_where_p_positive(terms: Tensor, logp: Tensor) -> Tensor:
+    """Sum the ``p·f`` terms over the last dim, counting terms with p = 0 as 0.
+
+    A term with p = 0 is ``0·(±inf) = nan`` where log p = −inf and ±0 otherwise,
+    so only rows whose plain sum is nan can differ from the masked sum: they
+    alone are summed again with the mask. Other rows give the masked sum bit
+    for bit, without a masked copy of a layers × positions × vocab tensor.
+    """
+    total = terms.sum(dim=-1)
+    bad = total.isnan()
+    if bool(bad.any()):
+        total[bad] = torch.where(logp[bad].exp() > 0, terms[bad], 0.0).sum(dim=-1)
+    return total
 
 
 def answer_rank(logp: Tensor, answer_id: int) -> Tensor:

@@ -8,6 +8,7 @@ compatibility mode, so its numbers are the model's own Hugging Face numbers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -325,9 +326,23 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
 
 
 def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
-    """(d_vocab,) the model's own logits at the last position of ``ids``."""
+    """(d_vocab,) the model's own logits at the last position of ``ids``.
+
+    Asks the model for the last position's logits only (``logits_to_keep=1``)
+    where its forward takes that argument: the other positions' unembeddings
+    are never read, and with a wide vocabulary they cost as much as the blocks.
+    """
+    extra = {"logits_to_keep": 1} if _keeps_logits(model.bridge) else {}
     with torch.no_grad(), model_precision(model.dtype):
-        return model.bridge(torch.tensor([ids], device=model.device))[0, -1].detach().to(model.device)
+        return model.bridge(torch.tensor([ids], device=model.device), **extra)[0, -1].detach().to(model.device)
+
+
+def _keeps_logits(bridge: Any) -> bool:
+    forward = getattr(getattr(bridge, "original_model", None), "forward", None)
+    try:
+        return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def tokenize(model: LoadedModel, prompt: str) -> list[int]:

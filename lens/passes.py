@@ -29,6 +29,7 @@ from lens.emitters import (
 from lens.gold import GoldAnswer, align, encode
 from lens.lenses import Lens, RawLens
 from lens.model import Capture, LoadedModel, capture, tokenize
+from lens.timing import StageTimer, maybe_iterate, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import analysis_dtype
 from lens.windows import RollingWindow
@@ -132,7 +133,8 @@ class Pass:
         """The prompt's token ids as the forward sees them."""
         return tokenize(analysis.model, self.prompt())
 
-    def run(self, analysis: Analysis, cap: Capture | None = None) -> PassResult:
+    def run(self, analysis: Analysis, cap: Capture | None = None, *,
+            timer: StageTimer | None = None) -> PassResult:
         """Forward once, decode every layer with every lens, feed the emitters. Final.
 
         Args:
@@ -140,11 +142,14 @@ class Pass:
             cap: This pass's forward when it was already run (a row of a
                 batched forward, ``lens.model.capture_batch``); else the pass
                 runs its own forward.
+            timer: Accumulates ``breakdown/capture``, ``breakdown/decode`` and
+                ``breakdown/emit`` seconds (optional).
         """
         model = analysis.model
         ids = self.token_ids(analysis)
         if cap is None:
-            cap = capture(model, ids)
+            with maybe_stage(timer, "breakdown/capture"):
+                cap = capture(model, ids)
         elif cap.resids.shape[1] != len(ids):
             raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
                              f"the prompt {len(ids)} tokens")
@@ -156,11 +161,14 @@ class Pass:
                    if (e.lens.name if isinstance(e, Sidecar) else analysis.lens.name) == lens.name]
             label = f"{self.prompt_id}/{self.variant}" + (
                 "" if lens is analysis.lens else f" ({lens.name})")
-            for step in decode_steps(ctx, lens, cap.resids):
-                for emitter in fed:
-                    records.extend(emitter.emit(step))
+            steps = decode_steps(ctx, lens, cap.resids)
+            for step in maybe_iterate(timer, "breakdown/decode", steps):
+                with maybe_stage(timer, "breakdown/emit"):
+                    for emitter in fed:
+                        records.extend(emitter.emit(step))
                 if analysis.progress is not None:
                     analysis.progress(label, step.layer, model.n_layers)
+                del step  # let decode_steps free this chunk before decoding the next
         for lens in analysis.next_token_lenses:
             emitter = NextTokenEmitter()
             for step in decode_steps(ctx, lens, cap.resids[:, -1:]):
@@ -224,12 +232,21 @@ def first_non_finite_layer(cap: Capture) -> int | None:
 
 
 def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:
-    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer."""
+    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer.
+
+    A chunk holds at most a third of the pass's layers (and at most
+    ``CHUNK_ELEMENTS`` logits), so that its working set (logits, log-probs and
+    one temporary for the entropy) stays within the size of one pass's full
+    logits tensor. The generator lets go of a chunk before decoding the next, so
+    a consumer that drops each step before asking for the next one (as
+    ``Pass.run`` does; a step's tensors are views of its chunk) holds one chunk
+    at a time.
+    """
     n_layers, seq, _ = resids.shape
     vocab = lens.unembed.d_vocab
     dtype = ctx.head_logp.dtype
     k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, seq * vocab))
+    per_chunk = max(1, min(CHUNK_ELEMENTS // max(1, seq * vocab), -(-n_layers // 3)))
     window = RollingWindow(ctx.config.copy_window_k)
     for start in range(0, n_layers, per_chunk):
         layers = list(range(start, min(n_layers, start + per_chunk)))
@@ -245,3 +262,4 @@ def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[Layer
                 logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
                 window=window.push(last_top1[i]),
             )
+        del logits, logp, entropy, top_logp, top_ids, top_p

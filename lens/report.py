@@ -29,6 +29,7 @@ from lens.metrics import entropy_bits
 from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
 from lens.passes import Analysis, Pass, PassResult, passes_for
 from lens.prism import resolve_prism
+from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 from lens.writers import csv_bytes, json_bytes
@@ -133,7 +134,8 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]]) -> list[PassResult]:
+def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
+               timer: StageTimer | None = None) -> list[PassResult]:
     """Run a chunk of passes: one forward each when alone, one padded forward when several."""
     def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
         return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
@@ -150,7 +152,8 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]]) -> list[P
     results = []
     for (fact, p), cap in zip(chunk, caps, strict=True):
         try:
-            results.append(p.run(analysis, cap))
+            with maybe_stage(timer, f"passes/{p.prompt_id}/{p.variant}"):
+                results.append(p.run(analysis, cap, timer=timer))
         except LensError as exc:
             raise named(fact, p, exc) from exc
     return results
@@ -158,7 +161,8 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]]) -> list[P
 
 def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
             progress: Callable[[str, int, int], None] | None = None,
-            fact_progress: FactProgressFn | None = None) -> ModelRun:
+            fact_progress: FactProgressFn | None = None,
+            timer: StageTimer | None = None) -> ModelRun:
     """Run every pass of every fact of the probe and assemble the reports.
 
     A one-fact probe runs each pass in its own forward (so its outputs are the
@@ -166,7 +170,8 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     in padded batches of ``config.batch_size`` prompts. Residuals are kept only
     with ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
-    as facts complete.
+    as facts complete; ``timer`` gets ``passes/<prompt_id>/<variant>`` (summed over
+    facts) and ``head_probes`` seconds.
     """
     analysis = build_analysis(model, config, progress=progress)
     plan = [(fact, p) for fact in probe.facts for p in passes_for(fact)]
@@ -176,7 +181,7 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     done = 0
     for start in range(0, len(plan), size):
         chunk = plan[start:start + size]
-        for (fact, _), res in zip(chunk, _run_chunk(analysis, chunk), strict=True):
+        for (fact, _), res in zip(chunk, _run_chunk(analysis, chunk, timer), strict=True):
             by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
         finished = sum(1 for i in last_pass.values() if i < start + size)
         if fact_progress is not None and finished > done:
@@ -184,7 +189,7 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
             fact_progress(done, len(probe.facts), probe.facts[done - 1].id)
     facts = tuple(
         FactRun(fact=f, passes=tuple(by_fact[f.id]),
-                report=_report(model, f, analysis, by_fact[f.id]))
+                report=_report(model, f, analysis, by_fact[f.id], timer=timer))
         for f in probe.facts
     )
     records = tuple(r for fr in facts for res in fr.passes for r in res.records)
@@ -212,7 +217,7 @@ def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str
 
 
 def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
-            results: Sequence[PassResult]) -> dict[str, Any]:
+            results: Sequence[PassResult], *, timer: StageTimer | None = None) -> dict[str, Any]:
     config, table, lens = analysis.config, analysis.table, analysis.lens.name
     orig = results[0]
     dtype = analysis_dtype(model.dtype)
@@ -266,10 +271,12 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         report["control_summary"] = summaries.control_summary(_pure(results, lens, "ctl", "orig"))
     head = orig.ctx.head_logits
     report["final_prediction"] = _head_entry("final_prediction", table, head, 20, dtype)
-    report["test_prompts"] = [
-        _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype, prompt=p)
-        for p in fact.test_prompts
-    ]
+    with maybe_stage(timer, "head_probes"):
+        report["test_prompts"] = [
+            _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype,
+                        prompt=p)
+            for p in fact.test_prompts
+        ]
     report["temperature_exploration"] = [
         _head_entry("temperature_exploration", table, head / t, 15, dtype, temperature=t)
         for t in (0.1, 2.0)

@@ -98,6 +98,11 @@ def run_lens(tmp_path: Path) -> Callable[..., tuple[int, dict[str, bytes], str]]
     return run
 
 
+def reproducible(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files a second run must write byte for byte: all but the wall-clock timings."""
+    return {n: data for n, data in files.items() if not n.endswith("-timings.json")}
+
+
 @pytest.fixture
 def in_tmp_cwd(tmp_path: Path) -> Iterator[Path]:
     """Run the test with the current directory set to a fresh temporary one."""

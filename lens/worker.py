@@ -32,6 +32,7 @@ from lens.config import Probe, RunConfig
 from lens.errors import LensError
 from lens.progress import Progress
 from lens.rundir import RunDir
+from lens.timing import StageTimer
 from lens.writers import json_bytes
 
 STATUSES = ("ok", "failed", "skipped", "interrupted", "not_run", "pending")
@@ -46,7 +47,12 @@ def output_file_names(name: str) -> tuple[str, ...]:
             f"output-{name}-records-prism.csv", f"output-{name}-pure-next-token-prism.csv",
             f"output-{name}-residuals.pt", f"output-{name}-aggregate.json",
             f"output-{name}-heatmap.png", f"output-{name}-trajectories.png",
-            f"evaluation-{name}.md", f"output-{name}.json")
+            timings_file(name), f"evaluation-{name}.md", f"output-{name}.json")
+
+
+def timings_file(name: str) -> str:
+    """Seconds per stage: a file of their own, outside the byte-reproducible outputs."""
+    return f"output-{name}-timings.json"
 
 
 def error_file_name(name: str) -> str:
@@ -238,6 +244,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
         progress.show(_STAGE_WORDS.get(new_stage, new_stage))
 
     start = time.perf_counter()
+    timer = StageTimer()
     try:
         clash = next((n for n in (*output_file_names(name), error_file_name(name))
                       if out.exists(n)), None)
@@ -245,20 +252,25 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
             raise OutputExists(_exists(out, clash))
         at("resolve")
         precheck(config, name)
+        timer.start("load")
         model = load_model(model_id, device=config.device, dtype=config.dtype,
                            device_map=config.device_map_value(), n_devices=config.n_devices,
                            free=free or free_memory, on_stage=at)
+        timer.stop("load")
         at("analyse")
         show_facts = probe.is_multi and not quiet and sys.stderr.isatty()
         run = analyse(model, probe, config, progress=progress.layer,
-                      fact_progress=FactProgress(name) if show_facts else None)
+                      fact_progress=FactProgress(name) if show_facts else None, timer=timer)
         warn_non_finite(name, run.report)
+        timer.start("write")
         files = output_files(run, config)
         files[f"evaluation-{name}.md"] = evaluation_stub(name, run.report)
         if plots:
             from lens.plots import plot_files
 
             files.update(plot_files(run))
+        timer.stop("write")
+        files[timings_file(name)] = json_bytes(timer.as_dict())
         at("write")
         _commit(out, files, staging_name)
         result = ModelResult(model=model_id, status="ok", summary=summary_fields(run.report))
@@ -286,6 +298,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
         print(f"lens: {name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
               f"{_summary_line(run)} ({time.perf_counter() - start:.1f}s) -> {out.path}",
               flush=True)
+        print(f"lens: {name}: seconds: {timer.summary()}", file=sys.stderr, flush=True)
     return result
 
 

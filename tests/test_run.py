@@ -12,7 +12,7 @@ import torch
 
 from lens.rundir import rotate_latest
 from lens.run import main
-from lens.testing import MODELS
+from lens.testing import MODELS, reproducible
 from lens.writers import read_csv_rows
 
 DIAGNOSTIC_KEYS = {
@@ -86,7 +86,20 @@ def test_tiny_model_outputs_complete_and_reproducible(run_lens, name):
     assert status == 0, err
     check_outputs(files, name)
     again = run_lens(f"tests/models/{name}", "--device", "cpu")[1]
-    assert again == files
+    assert reproducible(again) == reproducible(files)
+    assert again.keys() == files.keys()
+
+
+def test_timings_file_has_every_stage(run_lens):
+    status, files, _ = run_lens("tests/models/tiny-llama", "--device", "cpu")
+    assert status == 0
+    timings = json.loads(files["output-tiny-llama-timings.json"])
+    assert {"load", "passes", "head_probes", "write", "total"} <= timings.keys()
+    assert list(timings["passes"]) == ["pos/orig", "pos/no_filler", "ctl/orig"]
+    stages = [timings["load"], *timings["passes"].values(), timings["head_probes"],
+              timings["write"]]
+    assert all(s >= 0 for s in stages) and sum(stages) <= timings["total"] + 1e-3
+    assert "timings" not in files["output-tiny-llama.json"].decode()
 
 
 def test_tokens_round_trip_through_pandas(run_lens, tiny_models):
