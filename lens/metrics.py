@@ -23,9 +23,16 @@ def log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.log_softmax(logits.to(dtype), dim=-1)
 
 
-def entropy_bits(logp: Tensor) -> Tensor:
-    """Shannon entropy in bits of each distribution (..., vocab) → (...)."""
-    return (-_sum_where_p_positive(logp.exp().mul_(logp), logp) / LN2).clamp_min(0.0)
+def entropy_bits(logp: Tensor, *, scratch: Tensor | None = None) -> Tensor:
+    """Shannon entropy in bits of each distribution (..., vocab) → (...).
+
+    ``scratch`` (optional, at least ``logp.numel()`` elements of its dtype) holds
+    the ``p·log p`` terms instead of a fresh tensor: reusing one buffer across
+    chunks saves the page faults of a new allocation of that size each time.
+    """
+    terms = logp.exp() if scratch is None else torch.exp(
+        logp, out=scratch.view(-1)[:logp.numel()].view(logp.shape))
+    return (-_sum_where_p_positive(terms.mul_(logp), logp) / LN2).clamp_min(0.0)
 
 
 def kl_bits(logp: Tensor, logq: Tensor) -> Tensor:

@@ -248,11 +248,14 @@ def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[Layer
     k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
     per_chunk = max(1, min(CHUNK_ELEMENTS // max(1, seq * vocab), -(-n_layers // 3)))
     window = RollingWindow(ctx.config.copy_window_k)
+    scratch: Tensor | None = None  # the entropy's temporary, reused by every chunk
     for start in range(0, n_layers, per_chunk):
         layers = list(range(start, min(n_layers, start + per_chunk)))
         logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
         logp = torch.log_softmax(logits, dim=-1)
-        entropy = metrics.entropy_bits(logp)
+        if scratch is None:
+            scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
+        entropy = metrics.entropy_bits(logp, scratch=scratch)
         top_logp, top_ids = torch.topk(logp, k, dim=-1)
         top_p = top_logp.exp()
         last_top1 = top_ids[:, -1, 0].tolist()

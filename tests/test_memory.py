@@ -52,3 +52,15 @@ def test_a_chunk_is_freed_before_the_next_is_decoded(tiny_models, monkeypatch):
         assert step.logits._base is chunks[-1]()
         del step
     assert len(alive_at_decode) >= 2 and not any(alive_at_decode)
+
+
+def test_entropy_with_a_reused_scratch_buffer_is_bit_identical():
+    import torch
+
+    from lens.metrics import entropy_bits
+
+    logp = torch.log_softmax(torch.randn(3, 5, 97, dtype=torch.float64), dim=-1)
+    logp[0, 0, :7] = -torch.inf
+    scratch = torch.empty(2 * logp.numel(), dtype=torch.float64)
+    for _ in range(2):  # a second use sees the first one's leftovers
+        assert torch.equal(entropy_bits(logp, scratch=scratch), entropy_bits(logp))
