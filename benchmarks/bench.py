@@ -347,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         full_runs: list[dict[str, float]] = []
         floor_run(model, fact, config)  # warm-up: first-call costs (allocator, kernels)
         full_run(model, config, tmp_dir)
+        # Memory first: after many repetitions the allocator's free lists, not the run,
+        # decide how much of a new allocation is already resident.
+        mem_floor, how = peak_beyond(lambda: floor_run(model, fact, config))
+        mem_full, _ = peak_beyond(lambda: full_run(model, config, tmp_dir))
         for _ in range(args.reps):
             floor_runs.append(floor_run(model, fact, config))
             full_runs.append(full_run(model, config, tmp_dir))
-        mem_floor, how = peak_beyond(lambda: floor_run(model, fact, config))
-        mem_full, _ = peak_beyond(lambda: full_run(model, config, tmp_dir))
 
         load_reps = args.reps if args.load_reps is None else args.load_reps
         loads = fresh_load_times(model_id, reps=load_reps, threads=args.threads,

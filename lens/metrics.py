@@ -30,8 +30,10 @@ def entropy_bits(logp: Tensor, *, scratch: Tensor | None = None) -> Tensor:
     the ``p·log p`` terms instead of a fresh tensor: reusing one buffer across
     chunks saves the page faults of a new allocation of that size each time.
     """
-    terms = logp.exp() if scratch is None else torch.exp(
-        logp, out=scratch.view(-1)[:logp.numel()].view(logp.shape))
+    if scratch is None or logp.requires_grad:  # out= refuses tensors that need grad
+        terms = logp.exp()
+    else:
+        terms = torch.exp(logp, out=scratch.view(-1)[:logp.numel()].view(logp.shape))
     return (-_sum_where_p_positive(terms.mul_(logp), logp) / LN2).clamp_min(0.0)
 
 

@@ -64,4 +64,4 @@ class Unembed:
         W, b = self.weights(x.device)
         with torch.no_grad():
             logits = x.to(self.dtype) @ W
-            return logits if b is None else logits + b
+            return logits if b is None else logits.add_(b)  # in place: no second logits tensor

@@ -64,3 +64,13 @@ def test_entropy_with_a_reused_scratch_buffer_is_bit_identical():
     scratch = torch.empty(2 * logp.numel(), dtype=torch.float64)
     for _ in range(2):  # a second use sees the first one's leftovers
         assert torch.equal(entropy_bits(logp, scratch=scratch), entropy_bits(logp))
+
+
+def test_entropy_with_scratch_accepts_a_tensor_that_needs_grad():
+    import torch
+
+    from lens.metrics import entropy_bits
+
+    logp = torch.log_softmax(torch.randn(2, 9, requires_grad=True), dim=-1)
+    scratch = torch.empty(logp.numel())
+    assert torch.equal(entropy_bits(logp, scratch=scratch), entropy_bits(logp))
