@@ -45,7 +45,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's lens, not whatever is installed
@@ -379,10 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         f"passes: {', '.join(f'{n} {s} tokens' for n, s in zip(names, seqs, strict=True))}; "
         f"decoded residuals: {layers} layers x {sum(seqs)} positions = {rows} rows "
         f"({gflop:.1f} GFLOP through W_U); {len(fact.test_prompts)} head-probe forwards",
-        "floor (a): the 3 forwards with residual capture + the 14 head-probe forwards + ONE batched",
-        f"           norm-lens decode of those {rows} residuals (norm, matmul with W_U, log-softmax, "
-        f"top-{TOPK}),",
-        "           chunked at the run's budget of 2^25 logits per matmul",
+        "floor (a): the 3 forwards with residual capture + the 14 head-probe forwards",
+        f"           + ONE batched norm-lens decode of those {rows} residuals (norm, matmul",
+        f"           with W_U, log-softmax, top-{TOPK}), chunked at the run's 2^25 logits per matmul",
         "full  (b): lens.report.analyse (3 passes, every emitter, head probes, report)",
         "           + output_files + write_atomic of every file; model load excluded",
         "",
