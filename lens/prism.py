@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lens.config import RunConfig
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.lenses import Lens
 from lens.norms import NormSpec
 from lens.unembed import Unembed
@@ -270,17 +270,12 @@ def artifacts_present(path: Path) -> bool:
     return all((path / f).is_file() for f in ARTIFACT_FILES)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _load_tensor_file(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         raise PrismError(f"cannot read {file} (truncated or not a torch file: "
-                         f"{_first_line(exc)}); refit: {FIT_HINT}") from None
+                         f"{first_line(exc)}); refit: {FIT_HINT}") from None
 
 
 def _vector(value: Any, file: Path, key: str) -> Tensor:
@@ -335,7 +330,7 @@ def load_artifacts(path: Path, *, d_model: int | None = None,
     try:
         provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismError(f"invalid {path / PROVENANCE_FILE}: {_first_line(exc)}; "
+        raise PrismError(f"invalid {path / PROVENANCE_FILE}: {first_line(exc)}; "
                          f"refit: {FIT_HINT}") from None
     if not isinstance(provenance, dict):
         raise PrismError(f"invalid {path / PROVENANCE_FILE}: expected a JSON object; "

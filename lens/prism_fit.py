@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -48,6 +48,7 @@ from lens.prism import (
     unembedding_basis,
     whiten,
 )
+from lens.progress import Progress
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 
 PROG = "python -m lens.prism_fit"
@@ -115,24 +116,6 @@ def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
     held = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     fit = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     return fit, held
-
-
-class Progress:
-    """A one-line ``\\r`` progress display on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
-        self.stream = stream or sys.stderr
-        self.active = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def show(self, text: str) -> None:
-        if self.active:
-            self.stream.write(f"\r\033[K{text}")
-            self.stream.flush()
-
-    def done(self) -> None:
-        if self.active:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
 
 
 def captures(model: LoadedModel, prompts: Sequence[str]) -> Iterator[tuple[list[int], Capture]]:
@@ -307,7 +290,7 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
     provenance["held_out_kl_bits"] = held_out_kl(model, held, layers, lenses, progress)
     seconds["held_out"] = time.perf_counter() - clock
     provenance["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
-    progress.done()
+    progress.clear()
     return FitResult(artifacts, tuple(messages))
 
 
@@ -324,7 +307,7 @@ def fit_model(model_id: str, prompts: Sequence[str], source: str, args: argparse
     start = time.perf_counter()
     model = load_model(model_id, device=args.device, dtype=args.dtype)
     result = fit(model, prompts, source=source, k_requested=args.k, reservoir=args.reservoir,
-                 seed=args.seed, progress=Progress(enabled=not args.quiet))
+                 seed=args.seed, progress=Progress(quiet=args.quiet))
     directory = (args.prism_dir or DEFAULT_DIR) / model.name
     try:
         result.artifacts.save(directory)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
 from lens.cli import OneLineParser
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.probe import builtin_probes, resolve_probe
 
 PROG = "python -m lens.run"
@@ -101,7 +101,7 @@ def self_test_main(model_ids: Sequence[str], config: RunConfig, *, quiet: bool =
             status = 1
             continue
         except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
-            print(f"FAIL {model_id}: could not run the checks: {type(exc).__name__}: {exc}")
+            print(f"FAIL {model_id}: could not run the checks: {first_line(exc)}")
             status = 1
             continue
         finally:

@@ -41,6 +41,7 @@ from lens.prism import (
     unembedding_basis,
     whiten,
 )
+from lens.progress import Progress
 from lens.report import build_analysis
 from lens.testing import REPO, TINY_MODELS
 from lens.unembed import Unembed
@@ -369,9 +370,9 @@ class _Terminal(io.StringIO):
     (io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)])
 def test_progress_shows_only_on_a_terminal_and_not_when_quiet(stream, enabled, shown):
     out = stream()
-    progress = prism_fit.Progress(out, enabled=enabled)
+    progress = Progress(stream=out, quiet=not enabled)
     progress.show("collecting 1/2")
-    progress.done()
+    progress.clear()
     assert ("collecting 1/2" in out.getvalue()) == shown
     assert out.getvalue().endswith("\r\033[K") == shown
 

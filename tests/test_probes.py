@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from lens.probe import (
     parse_probe,
     resolve_probe,
 )
+from lens.progress import Progress
 from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
 from lens.run import main
-from lens.worker import FactProgress
 from lens.writers import read_csv_rows
 
 TESTS = Path(__file__).resolve().parent
@@ -302,12 +303,20 @@ def test_progress_reports_every_fact_once(tiny_models):
     assert calls[-1][:2] == (4, 4) and all(c[1] == 4 for c in calls)
 
 
-def test_fact_progress_line(capsys):
-    show = FactProgress("m")
-    show(1, 2, "a")
-    show(2, 2, "b")
-    err = capsys.readouterr().err
-    assert err == "\r\x1b[2Klens: m: fact 1/2 (a)\r\x1b[2Klens: m: fact 2/2 (b)\n"
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_fact_progress_shares_the_one_progress_line():
+    term = _Terminal()
+    progress = Progress(stream=term, prefix="m", interval=0)
+    progress.fact(1, 2, "a")
+    progress.layer("pos/orig", 3, 4)
+    progress.fact(2, 2, "b")
+    progress.clear()
+    assert term.getvalue() == ("\r\x1b[Km · fact 1/2 (a)\r\x1b[Km · fact 1/2 (a) · pos/orig · layer 3/4"
+                               "\r\x1b[Km · fact 2/2 (b)\r\x1b[K")
 
 
 def test_cli_without_tty_prints_no_progress(run_lens):
