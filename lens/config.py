@@ -74,7 +74,8 @@ class RunConfig:
     device: Device = option(
         "auto", "auto: first of cuda, mps, cpu whose free memory fits the model")
     dtype: DType = option(
-        "auto", "compute dtype; auto follows the policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32")
+        "auto",
+        "compute dtype; auto follows the policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32")
     prism: PrismMode = option(
         "auto", "Prism sidecar lens: auto uses compatible artifacts, on requires them, "
                 "off disables")
@@ -86,7 +87,7 @@ class RunConfig:
         None, "let the bridge place a model larger than one GPU: auto, balanced, sequential, "
               "or a JSON map of module names to devices", metavar="MAP")
     n_devices: int | None = option(None, "split the model over N CUDA devices", metavar="N")
-    topk_verbose: int = fixed(20, "the records CSV layout has 20 top-k slots (SPEC)")
+    topk_verbose: int = fixed(20, "the records CSV layout has 20 top-k slots (docs/outputs.md)")
     topk_brief: int = fixed(5, "the top-5 of brief positions is part of the output contract")
     batch_size: int = option(
         8, "prompts per forward pass for probes with more than one fact (1 = one at a time)",

@@ -163,7 +163,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     """Boot ``model_id`` through ``TransformerBridge`` in plain (HF-numerics) mode.
 
     Args:
-        device, dtype: ``--device``/``--dtype``; ``auto`` follows the SPEC §9 policy
+        device, dtype: ``--device``/``--dtype``; ``auto`` follows the dtype policy (README, Devices)
             (``lens.devices``), with the memory-fit check for ``--device auto``.
         device_map, n_devices: Passed to the bridge to place a model larger than
             one GPU (mutually exclusive with an explicit ``device``).

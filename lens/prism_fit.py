@@ -1,4 +1,4 @@
-"""``python -m lens.prism_fit [MODEL …]``: fit the Prism lens's artifacts (SPEC §7).
+"""``python -m lens.prism_fit [MODEL …]``: fit the Prism lens's artifacts (README, Prism).
 
 For each model: run the prompt set, normalise the residuals at post-block
 depths ≈ 25/50/75 % with the model's own norms, and stream every position
@@ -61,7 +61,7 @@ BATCH_TOKENS = 1024
 """Prompts run together, right-padded, up to this many padded tokens per forward."""
 ARTIFACT_DTYPE = torch.float32
 """Artifacts are stored in float32 whatever the model's dtype. Float32 is all the
-lens needs (SPEC §7: fp32 statistics, fp32 W_U), and it makes a float64 fit
+lens needs (README, Prism: fp32 statistics, fp32 W_U), and it makes a float64 fit
 bit-identical across CPU kernels: PCA amplifies the fit's last-bit kernel noise
 (~1e-16) to ~1e-14, still far below float32 resolution (6e-8)."""
 

@@ -1,4 +1,4 @@
-"""``python -m lens.run [MODEL …]``: the probe on one or more models (SPEC §8–§9).
+"""``python -m lens.run [MODEL …]``: the probe on one or more models (README, Running).
 
 One model named on the command line runs in this process. Several models, a
 ``--models-file`` or a ``--preset`` make a sweep (``lens.sweep``): each model in

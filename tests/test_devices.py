@@ -1,4 +1,4 @@
-"""Device and dtype policy with injected memory figures (SPEC §9)."""
+"""Device and dtype policy with injected memory figures (README, Devices)."""
 
 from __future__ import annotations
 

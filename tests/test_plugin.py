@@ -18,7 +18,8 @@ def test_pinned_rows(golden_csv):
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _pytest(project: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Prism (SPEC §7): fitting maths, the lens, artifacts, sidecar CSVs (goldens) and errors.
+"""Prism (README, Prism): fitting maths, the lens, artifacts, sidecar CSVs (goldens) and errors.
 
 The goldens pin both sidecar CSVs of a tiny-llama float64 run whose artifacts
 are fitted inside the test from ``TINY_PROMPTS`` (words of the tiny
@@ -94,7 +94,7 @@ def test_Q_is_orthogonal_for_random_unembeddings_and_bases(inputs):
 @FAST
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12))
 def test_full_rank_Q_sends_each_principal_axis_onto_its_singular_vector(seed, d):
-    """Row convention: ``e_i @ Q = u_i`` (SPEC's column-vector ``U Vᵀ``, transposed)."""
+    """Row convention: ``e_i @ Q = u_i`` (the usual column-vector ``U Vᵀ``, transposed)."""
     gen = torch.Generator().manual_seed(seed)
     E, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
     U, rank = unembedding_basis(torch.randn(d, 3 * d, generator=gen, dtype=F64))

@@ -315,7 +315,8 @@ def test_fact_progress_shares_the_one_progress_line():
     progress.layer("pos/orig", 3, 4)
     progress.fact(2, 2, "b")
     progress.clear()
-    assert term.getvalue() == ("\r\x1b[Km · fact 1/2 (a)\r\x1b[Km · fact 1/2 (a) · pos/orig · layer 3/4"
+    assert term.getvalue() == ("\r\x1b[Km · fact 1/2 (a)"
+                               "\r\x1b[Km · fact 1/2 (a) · pos/orig · layer 3/4"
                                "\r\x1b[Km · fact 2/2 (b)\r\x1b[K")
 
 
