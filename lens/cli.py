@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import types
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -77,12 +78,17 @@ def _flag_kwargs(config_type: type[RunConfig], f: dataclasses.Field) -> dict[str
     return kwargs
 
 
-def add_config_flags(parser: argparse.ArgumentParser,
-                     config_type: type[RunConfig] = RunConfig) -> None:
-    """Add one flag per ``RunConfig`` field (``--copy-threshold`` for ``copy_threshold``)."""
+def add_config_flags(parser: argparse.ArgumentParser, config_type: type[RunConfig] = RunConfig,
+                     *, only: Collection[str] | None = None) -> None:
+    """Add one flag per ``RunConfig`` field (``--copy-threshold`` for ``copy_threshold``).
+
+    ``only`` limits them to some fields, for tools that share a few settings
+    with ``lens.run`` (``lens.prism_fit``: ``device``, ``dtype``).
+    """
     group = parser.add_argument_group("run configuration")
     for f in flag_fields(config_type):
-        group.add_argument(cli_flag(f.name), **_flag_kwargs(config_type, f))
+        if only is None or f.name in only:
+            group.add_argument(cli_flag(f.name), **_flag_kwargs(config_type, f))
 
 
 def config_from(args: argparse.Namespace, config_type: type[RunConfig] = RunConfig) -> RunConfig:

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from lens import metrics
-from lens.config import DEVICES, DTYPES, SEED
+from lens.config import SEED
 from lens.emitters import depth_layers
-from lens.cli import OneLineParser
+from lens.cli import OneLineParser, add_config_flags
 from lens.errors import LensError
 from lens.lenses import Lens, NormLens
 from lens.model import Capture, LoadedModel, capture_batch, tokenize
@@ -84,9 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reservoir", type=int, default=RESERVOIR_DEFAULT,
                    help=f"rows kept for the principal axes (default {RESERVOIR_DEFAULT})")
     p.add_argument("--seed", type=int, default=SEED, help=f"reservoir seed (default {SEED})")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="default auto")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default auto (as lens.run)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
+    add_config_flags(p, only=("device", "dtype"))
     return p
 
 
