@@ -46,7 +46,14 @@ _HOME = {
 }
 """Public name → the module that defines it (the one table to re-point when code moves)."""
 
-__all__ = ["__version__", *_HOME]
+__all__ = [
+    "__version__",
+    "RunConfig", "Probe", "Fact", "default_probe", "load_probe", "LensError",
+    "load_model", "LoadedModel", "run_probe", "ModelRun", "write_outputs",
+    "Record", "PositionRecord", "NextTokenRecord", "RawCheckRecord", "ConsistencyRecord",
+    "to_pandas",
+    "Lens", "NormLens", "RawLens", "PrismLens", "Emitter", "LayerStep", "check_emitter",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from lens.testing import REPO, reproducible
 
 def test_all_is_exactly_the_public_names():
     assert len(lens.__all__) == len(set(lens.__all__))
+    assert set(lens.__all__) == {"__version__", *lens._HOME}
     assert sorted(dir(lens)) == sorted(lens.__all__)
     for name in lens.__all__:
         assert getattr(lens, name) is not None

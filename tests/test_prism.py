@@ -41,7 +41,6 @@ from lens.prism import (
     unembedding_basis,
     whiten,
 )
-from lens.progress import Progress
 from lens.report import build_analysis
 from lens.testing import REPO, TINY_MODELS
 from lens.unembed import Unembed
@@ -359,22 +358,6 @@ def test_builtin_prompt_set_is_large_and_varied():
     prompts, source = prism_fit.read_prompts(None)
     assert source == "built-in" and len(prompts) >= 100 and len(set(prompts)) == len(prompts)
     assert sum("Germany" in p or "Berlin" in p for p in prompts) <= 2
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-@pytest.mark.parametrize("stream,enabled,shown", [
-    (io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)])
-def test_progress_shows_only_on_a_terminal_and_not_when_quiet(stream, enabled, shown):
-    out = stream()
-    progress = Progress(stream=out, quiet=not enabled)
-    progress.show("collecting 1/2")
-    progress.clear()
-    assert ("collecting 1/2" in out.getvalue()) == shown
-    assert out.getvalue().endswith("\r\033[K") == shown
 
 
 @pytest.mark.parametrize("args,expected", [

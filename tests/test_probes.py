@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from lens.probe import (
     parse_probe,
     resolve_probe,
 )
-from lens.progress import Progress
 from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
 from lens.run import main
 from lens.writers import read_csv_rows
@@ -301,23 +299,6 @@ def test_progress_reports_every_fact_once(tiny_models):
             fact_progress=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == sorted({c[0] for c in calls})  # strictly increasing
     assert calls[-1][:2] == (4, 4) and all(c[1] == 4 for c in calls)
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_fact_progress_shares_the_one_progress_line():
-    term = _Terminal()
-    progress = Progress(stream=term, prefix="m", interval=0)
-    progress.fact(1, 2, "a")
-    progress.layer("pos/orig", 3, 4)
-    progress.fact(2, 2, "b")
-    progress.clear()
-    assert term.getvalue() == ("\r\x1b[Km · fact 1/2 (a)"
-                               "\r\x1b[Km · fact 1/2 (a) · pos/orig · layer 3/4"
-                               "\r\x1b[Km · fact 2/2 (b)\r\x1b[K")
 
 
 def test_cli_without_tty_prints_no_progress(run_lens):
