@@ -1,4 +1,4 @@
-"""Device and dtype policy (SPEC §9): which device a model fits on, in which dtype.
+"""Device and dtype policy (README, Devices): which device a model fits on, in which dtype.
 
 ``--device auto`` takes the first of cuda → mps → cpu whose free memory holds
 the estimate ``params · bytes/param · (1 + OVERHEAD) + RESERVE[device]``, with
@@ -127,7 +127,7 @@ def estimate_params(hf_config: Any) -> int | None:
 
 
 def pick_dtype(requested: str, device: torch.device, model_id: str, n_params: int | None) -> torch.dtype:
-    """SPEC §9 dtype policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32 (≥ 30B bf16)."""
+    """The dtype policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32 (≥ 30B: bf16)."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cuda":
@@ -160,7 +160,7 @@ def _gib(n: float | None) -> str:
 def plan_device(requested: str, *, model_id: str, n_params: int | None, dtype: str = "auto",
                 multi_device: bool = False, n_devices: int | None = None,
                 free: FreeMemory = free_memory) -> DevicePlan:
-    """Choose device and dtype for one model (SPEC §9).
+    """Choose device and dtype for one model (README, Devices).
 
     Args:
         requested: ``auto``, ``cuda``, ``mps`` or ``cpu``.

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
 from lens.precision import model_precision
 
@@ -163,7 +163,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     """Boot ``model_id`` through ``TransformerBridge`` in plain (HF-numerics) mode.
 
     Args:
-        device, dtype: ``--device``/``--dtype``; ``auto`` follows the SPEC §9 policy
+        device, dtype: ``--device``/``--dtype``; ``auto`` follows the dtype policy (README, Devices)
             (``lens.devices``), with the memory-fit check for ``--device auto``.
         device_map, n_devices: Passed to the bridge to place a model larger than
             one GPU (mutually exclusive with an explicit ``device``).
@@ -185,7 +185,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             hf_config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
-        raise LensError(f"cannot load config/tokenizer of {model_id}: {_first_line(exc)}") from exc
+        raise LensError(f"cannot load config/tokenizer of {model_id}: {first_line(exc)}") from exc
     stage("device")
     multi = device_map is not None or (n_devices or 1) > 1
     plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
@@ -199,7 +199,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             bridge = TransformerBridge.boot_transformers(source, dtype=dt, tokenizer=tokenizer,
                                                          **placement)
     except Exception as exc:  # noqa: BLE001
-        raise LensError(f"cannot load weights of {model_id}: {_first_line(exc)}") from exc
+        raise LensError(f"cannot load weights of {model_id}: {first_line(exc)}") from exc
     dev = torch.device(bridge.cfg.device or plan.device) if multi else plan.device
     bridge.eval()
     cfg = bridge.cfg
@@ -232,11 +232,6 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
         hf_config=hf_config,
         prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Architecture-aware normalisation for the norm lens (SPEC §2).
+"""Architecture-aware normalisation for the norm lens (docs/outputs.md).
 
 A norm is recognised by what the module *does*, not by its class name: the
 baseline missed TransformerLens' own LayerNorm class and decoded GPT-2 with RMS
@@ -138,7 +138,7 @@ def norm_for_layer(
     layer: int, *, architecture: Architecture, ln1: Sequence[nn.Module],
     ln2: Sequence[nn.Module], ln_final: nn.Module,
 ) -> nn.Module:
-    """The module the model itself applies next to the residual of ``layer`` (SPEC §2).
+    """The module the model itself applies next to the residual of ``layer`` (docs/outputs.md).
 
     Layer 0 is the embedding; layer ``i`` ≥ 1 is the residual after block ``i-1``.
     """

@@ -1,8 +1,7 @@
-"""Device and dtype policy with injected memory figures (SPEC §9)."""
+"""Device and dtype policy with injected memory figures (README, Devices)."""
 
 from __future__ import annotations
 
-import io
 import math
 from types import SimpleNamespace
 
@@ -19,7 +18,6 @@ from lens.devices import (
     pick_dtype,
 )
 from lens.errors import LensError
-from lens.progress import Progress
 from lens.testing import MODELS, TINY_MODELS, reproducible
 
 LLAMA3_8B = SimpleNamespace(model_type="llama", hidden_size=4096, num_hidden_layers=32,
@@ -138,23 +136,3 @@ def test_device_map_cpu_runs_like_a_plain_cpu_run(run_lens):
     assert status == 0, err
     plain = run_lens("tests/models/tiny-llama", "--device", "cpu")[1]
     assert reproducible(mapped) == reproducible(plain) and mapped.keys() == plain.keys()
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_draws_only_on_a_terminal():
-    term = _Terminal()
-    progress = Progress(stream=term, prefix="[1/2] m", interval=0)
-    progress.show("load")
-    progress.layer("pos/orig", 4, 4)
-    progress.clear()
-    assert "[1/2] m · pos/orig · layer 4/4" in term.getvalue() and term.getvalue().endswith("\r\x1b[K")
-    for stream, quiet in ((io.StringIO(), False), (_Terminal(), True)):
-        p = Progress(stream=stream, quiet=quiet)
-        p.show("x")
-        p.layer("y", 1, 2)
-        p.clear()
-        assert stream.getvalue() == ""
