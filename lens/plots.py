@@ -217,8 +217,10 @@ def _series(pts: Sequence[Point], metric: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def lens_styles(lenses: Iterable[str]) -> dict[str, tuple[Any, str]]:
-    """The line style of each lens present, the norm lens first, then in order of appearance."""
-    present = sorted(set(lenses), key=lambda n: (n != "norm", n not in LENS_STYLES))
+    """The line style of each lens present: those of ``LENS_STYLES`` in its order, then the
+    others in order of appearance (a fixed order, so the same records draw the same PNG)."""
+    seen = list(dict.fromkeys(lenses))
+    present = [n for n in LENS_STYLES if n in seen] + [n for n in seen if n not in LENS_STYLES]
     extra = iter(EXTRA_STYLES * (1 + len(present)))
     return {name: LENS_STYLES.get(name) or next(extra) for name in present}
 

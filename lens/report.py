@@ -14,17 +14,17 @@ from typing import Any
 import torch
 
 from lens import summaries
-from lens.aggregate import aggregate_report
+from lens.aggregate import FactRecords, aggregate_report
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
 from lens.metrics import entropy_bits
 from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
 from lens.passes import Analysis, Pass, PassResult, passes_for
+from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Record
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
-from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Record
 from lens.writers import json_bytes, pure_csv, records_csv
 
 SCALE_KEYS = ("final_logit_scale", "logit_scale", "final_logits_scale")
@@ -185,7 +185,7 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
                   "probe": {"name": probe.name, "n_facts": len(facts),
                             "fact_ids": [fr.fact.id for fr in facts]},
                   "facts": {fr.fact.id: fr.report for fr in facts}}
-        def per_fact(lens: str) -> list[tuple[str, list[NextTokenRecord], list[NextTokenRecord] | None]]:
+        def per_fact(lens: str) -> FactRecords:
             return [(fr.fact.id, _pure(fr.passes, lens, "pos", "orig"),
                      _pure(fr.passes, lens, "pos", "no_filler") if fr.fact.no_filler else None)
                     for fr in facts]

@@ -76,7 +76,8 @@ def test_logit_lens_sees_earlier_than_the_norm_lens_on_the_head(run_lens):
     assert [[r[k] for k in key] for r in primary] == [[r[k] for k in key] for r in logit]
     last = [r for r in logit if r["layer"] == "4"]
     assert last and all(float(r["kl_to_final_bits"]) < 1e-9 for r in last)
-    assert any(a["kl_to_final_bits"] != b["kl_to_final_bits"] for a, b in zip(primary, logit))
+    assert any(a["kl_to_final_bits"] != b["kl_to_final_bits"]
+               for a, b in zip(primary, logit, strict=True))
     summary = json.loads(files[f"output-{name}.json"])["diagnostics"]["lens_summaries"]
     assert list(summary) == ["logit"]
     assert summary["logit"]["last_layer_kl_bits"] == 0
@@ -110,7 +111,7 @@ def test_a_new_lens_is_a_subclass_and_one_registry_line(monkeypatch, run_lens):
         assert len(records) == len(read_csv_rows(files[f"output-{name}-records.csv"]))
     half = read_csv_dicts(files[f"output-{name}-pure-next-token-half.csv"])
     logit = read_csv_dicts(files[f"output-{name}-pure-next-token-logit.csv"])
-    assert all(float(h["entropy"]) > float(g["entropy"]) for h, g in zip(half, logit))
+    assert all(float(h["entropy"]) > float(g["entropy"]) for h, g in zip(half, logit, strict=True))
     report = json.loads(files[f"output-{name}.json"])
     assert list(report["diagnostics"]["lens_summaries"]) == ["logit", "half"]
     aggregate = json.loads(files[f"output-{name}-aggregate.json"])
@@ -160,7 +161,7 @@ def test_fitted_lenses_without_artifacts_are_skipped_with_a_reason(tiny_models, 
 
 def test_every_lens_gets_its_own_line_style():
     styles = lens_styles(["raw", "norm", "zeta", "logit", "prism", "tuned", "alpha"])
-    assert list(styles)[0] == "norm"
+    assert list(styles) == ["norm", "logit", "raw", "prism", "tuned", "zeta", "alpha"]
     assert len({repr(style) for style, _ in styles.values()}) == len(styles)
     assert styles["zeta"] in EXTRA_STYLES and styles["alpha"] in EXTRA_STYLES
     assert all(styles[n] == LENS_STYLES[n] for n in ("norm", "logit", "raw", "prism", "tuned"))

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lens import prism_fit
-from lens.config import RunConfig, default_probe
 from lens.checks import check_emitter
+from lens.config import RunConfig, default_probe
 from lens.lenses import NormLens
 from lens.model import capture, capture_batch, tokenize
 from lens.passes import OrigPass, decode_steps

@@ -50,7 +50,8 @@ class Lens(ABC):
 
     def decode(self, resids: Tensor, layers: Sequence[int]) -> Tensor:
         """Many layers in one matmul: (len(layers), seq, d_model) → (len(layers), seq, vocab)."""
-        inputs = torch.stack([self.transform(r, layer) for r, layer in zip(resids, layers, strict=True)])
+        inputs = torch.stack([self.transform(r, layer)
+                              for r, layer in zip(resids, layers, strict=True)])
         return self.unembed(inputs)
 
     @classmethod
