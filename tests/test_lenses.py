@@ -20,6 +20,7 @@ from lens.errors import LensError
 from lens.lenses import LENSES, LogitLens
 from lens.model import capture, tokenize
 from lens.plots import EXTRA_STYLES, LENS_STYLES, lens_styles
+from lens.passes import passes_for
 from lens.report import build_analysis
 from lens.testing import TINY_MODELS
 from lens.writers import PURE_HEADER, RECORDS_HEADER, read_csv_dicts, read_csv_rows
@@ -165,3 +166,25 @@ def test_every_lens_gets_its_own_line_style():
     assert len({repr(style) for style, _ in styles.values()}) == len(styles)
     assert styles["zeta"] in EXTRA_STYLES and styles["alpha"] in EXTRA_STYLES
     assert all(styles[n] == LENS_STYLES[n] for n in ("norm", "logit", "raw", "prism", "tuned"))
+
+
+def test_passes_decode_only_the_rows_they_write(tiny_models, monkeypatch):
+    """pos/orig writes per-position records for the primary and sidecar lenses; nothing
+    else reads more than the last position, so nothing else decodes more."""
+    model = tiny_models["tiny-llama"]
+    analysis = build_analysis(model, RunConfig(dtype="float64"))
+    decoded: list[tuple[str, int]] = []
+    for lens in (analysis.lens, *analysis.sidecar_lenses, *analysis.next_token_lenses):
+        def spy(resids, layers, _decode=lens.decode, _name=lens.name):
+            decoded.append((_name, int(resids.shape[1])))
+            return _decode(resids, layers)
+        monkeypatch.setattr(lens, "decode", spy)
+    seen = {}
+    for p in passes_for(default_probe().facts[0]):
+        decoded.clear()
+        p.run(analysis)
+        seen[f"{p.prompt_id}/{p.variant}"] = sorted(set(decoded))
+    n = len(tokenize(model, PROMPT))
+    assert seen == {"pos/orig": [("logit", n), ("norm", n), ("raw", 1)],
+                    "pos/no_filler": [("logit", 1), ("norm", 1), ("raw", 1)],
+                    "ctl/orig": [("logit", 1), ("norm", 1), ("raw", 1)]}
