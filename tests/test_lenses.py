@@ -19,8 +19,8 @@ from lens.config import RunConfig, default_probe
 from lens.errors import LensError
 from lens.lenses import LENSES, LogitLens
 from lens.model import capture, tokenize
-from lens.plots import EXTRA_STYLES, LENS_STYLES, lens_styles
 from lens.passes import passes_for
+from lens.plots import EXTRA_STYLES, LENS_STYLES, lens_styles
 from lens.report import build_analysis
 from lens.testing import TINY_MODELS
 from lens.writers import PURE_HEADER, RECORDS_HEADER, read_csv_dicts, read_csv_rows
