@@ -29,20 +29,22 @@ _HOME = {
     "ModelRun": "lens.report",
     "write_outputs": "lens.api",
     # records as plain values
-    "Record": "lens.emitters",
-    "PositionRecord": "lens.emitters",
-    "NextTokenRecord": "lens.emitters",
-    "RawCheckRecord": "lens.emitters",
-    "ConsistencyRecord": "lens.emitters",
-    "to_pandas": "lens.api",
+    "Record": "lens.records",
+    "PositionRecord": "lens.records",
+    "NextTokenRecord": "lens.records",
+    "RawCheckRecord": "lens.records",
+    "ConsistencyRecord": "lens.records",
+    "to_pandas": "lens.records",
     # extension points: lenses and emitters
     "Lens": "lens.lenses",
     "NormLens": "lens.lenses",
     "RawLens": "lens.lenses",
+    "LogitLens": "lens.lenses",
+    "LENSES": "lens.lenses",
     "PrismLens": "lens.prism",
     "Emitter": "lens.emitters",
     "LayerStep": "lens.emitters",
-    "check_emitter": "lens.emitters",
+    "check_emitter": "lens.checks",
 }
 """Public name → the module that defines it (the one table to re-point when code moves)."""
 
@@ -52,7 +54,7 @@ __all__ = [
     "load_model", "LoadedModel", "run_probe", "ModelRun", "write_outputs",
     "Record", "PositionRecord", "NextTokenRecord", "RawCheckRecord", "ConsistencyRecord",
     "to_pandas",
-    "Lens", "NormLens", "RawLens", "PrismLens", "Emitter", "LayerStep", "check_emitter",
+    "Lens", "NormLens", "LogitLens", "RawLens", "PrismLens", "LENSES", "Emitter", "LayerStep", "check_emitter",
 ]
 
 
@@ -71,20 +73,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lens.api import run_probe, to_pandas, write_outputs
+    from lens.api import run_probe, write_outputs
     from lens.config import RunConfig
-    from lens.emitters import (
+    from lens.checks import check_emitter
+    from lens.emitters import Emitter, LayerStep
+    from lens.records import (
         ConsistencyRecord,
-        Emitter,
-        LayerStep,
         NextTokenRecord,
         PositionRecord,
         RawCheckRecord,
         Record,
-        check_emitter,
+        to_pandas,
     )
     from lens.errors import LensError
-    from lens.lenses import Lens, NormLens, RawLens
+    from lens.lenses import LENSES, Lens, LogitLens, NormLens, RawLens
     from lens.model import LoadedModel, load_model
     from lens.prism import PrismLens
     from lens.probe import Fact, Probe, default_probe, load_probe

@@ -1,4 +1,4 @@
-"""The Python API's own functions: run a probe, write a run's files, records as a DataFrame.
+"""The Python API's own functions: run a probe, write a run's files.
 
 Everything else public (``load_model``, the lenses, the emitter protocol, the
 record types) is re-exported from its home module by ``lens/__init__.py``; the
@@ -8,17 +8,12 @@ functions here only give the CLI's steps names a notebook can call.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lens.config import Probe, RunConfig, default_probe
 
 if TYPE_CHECKING:
-    import pandas
-
-    from lens.emitters import Record
     from lens.model import LoadedModel
     from lens.report import ModelRun
 
@@ -73,24 +68,3 @@ def write_outputs(run: ModelRun, out_dir: str | Path, *, config: RunConfig | Non
     with prepare_out_dir(path) as out:
         _commit(out, files, f".lens-staging-{name}-{uuid.uuid4().hex[:12]}")
     return [path / file for file in sorted(files)]
-
-
-def to_pandas(records: Iterable[Record], kind: type | None = None) -> pandas.DataFrame:
-    """One row per record, one column per field (``topk`` stays a tuple of (token, p)).
-
-    Args:
-        records: E.g. ``run.records``.
-        kind: Keep only records of this type (``lens.NextTokenRecord``…); needed
-            when ``records`` mixes types, since each type has its own columns.
-    """
-    import pandas as pd
-
-    rows = [r for r in records if kind is None or isinstance(r, kind)]
-    kinds = sorted({type(r).__name__ for r in rows})
-    if len(kinds) > 1:
-        raise ValueError(f"records of {len(kinds)} types ({', '.join(kinds)}) have different "
-                         f"columns; pick one, e.g. to_pandas(records, lens.{kinds[0]})")
-    record_type = kind or (type(rows[0]) if rows else None)
-    columns = [f.name for f in fields(record_type)] if record_type is not None else []
-    values: list[dict[str, Any]] = [{c: getattr(r, c) for c in columns} for r in rows]
-    return pd.DataFrame(values, columns=columns)

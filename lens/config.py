@@ -22,6 +22,8 @@ PRISM_MODES: tuple[str, ...] = get_args(PrismMode)
 DEVICES: tuple[str, ...] = get_args(Device)
 DTYPES: tuple[str, ...] = get_args(DType)
 SEED = 316
+DEFAULT_LENSES = ("logit", "tuned", "prism")
+"""Sidecar lenses by default; ``tuned`` and ``prism`` decode only where their artifacts fit."""
 
 
 def cli_flag(field_name: str) -> str:
@@ -92,6 +94,10 @@ class RunConfig:
     batch_size: int = option(
         8, "prompts per forward pass for probes with more than one fact (1 = one at a time)",
         metavar="N")
+    lenses: tuple[str, ...] = option(
+        DEFAULT_LENSES,
+        "sidecar lenses beside the primary norm lens: logit, tuned, prism, raw; tuned/prism "
+        "only where their artifacts fit", metavar="A,B,...")
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_threshold <= 1:
@@ -118,6 +124,10 @@ class RunConfig:
             raise LensError(f"{flag} and --device {self.device} are mutually exclusive: "
                             f"{flag} places the model itself; drop --device")
         self.device_map_value()
+        from lens.lenses.registry import check_lens_names  # the registry imports torch
+
+        object.__setattr__(self, "lenses", tuple(self.lenses))  # a JSON list comes back a tuple
+        check_lens_names(self.lenses)
 
     @classmethod
     def field_type(cls, name: str) -> Any:

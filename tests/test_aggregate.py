@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lens.aggregate import METRICS, PAIRED, RESAMPLES, aggregate_report, fact_metrics, median_ci
 from lens.config import SEED
-from lens.emitters import NextTokenRecord
+from lens.records import NextTokenRecord
 
 
 def record(layer: int, *, copy: bool = False, answer: bool = False, kl: float = 5.0,

@@ -11,7 +11,7 @@ import pytest
 
 import lens
 from lens.config import RunConfig
-from lens.emitters import NextTokenRecord, PositionRecord, record_values
+from lens.records import NextTokenRecord, PositionRecord, record_values
 from lens.testing import REPO, reproducible
 
 

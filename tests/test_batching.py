@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lens.config import RunConfig
-from lens.emitters import NextTokenRecord, PositionRecord
+from lens.records import NextTokenRecord, PositionRecord
 from lens.model import capture, capture_batch, load_model, tokenize
 from lens.passes import passes_for
 from lens.probe import default_probe, load_probe

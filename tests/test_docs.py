@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER
+from lens.writers import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER
 from lens.sweep import SUMMARY_COLUMNS
 from lens.testing import REPO
 

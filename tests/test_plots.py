@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lens.config import RunConfig
-from lens.emitters import PositionRecord
+from lens.records import PositionRecord
 from lens.plots import (
     MAX_POSITIONS,
     SWEEP_SIZE,
