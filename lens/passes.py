@@ -59,7 +59,8 @@ class Analysis:
     raw: RawLens
     config: RunConfig
     table: TokenTable
-    head_transform: dict[str, float | None]
+    head_transform: dict[str, Any]
+    """``cfg_transform`` of the model's head (``lens.unembed.HeadTransform.as_json``)."""
     sidecar_lenses: tuple[Lens, ...] = ()
     """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
     progress: Callable[[str, int, int], None] | None = None
