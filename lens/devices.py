@@ -33,6 +33,20 @@ BYTES_PER_PARAM = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.b
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
+CUDA_ENVIRONMENT = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+"""Deterministic cuBLAS (needed by ``torch.use_deterministic_algorithms``) and an allocator that
+does not fragment across models of different sizes in one sweep; read when CUDA initialises."""
+
+
+def prepare_cuda_environment() -> None:
+    """Set ``CUDA_ENVIRONMENT`` where the user has not: call before CUDA initialises."""
+    for key, value in CUDA_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+prepare_cuda_environment()  # at import: every path to CUDA (load_model, free_memory) imports this first
+
 FreeMemory = Callable[[str], float | None]
 """``kind`` (cuda, mps, cpu) → free bytes; ``math.inf`` if present but unmeasurable; None if absent."""
 

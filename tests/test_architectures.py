@@ -253,3 +253,29 @@ def test_gemma2_head_is_softcapped(arch_models):
     model = arch_models["gemma2"]
     assert model.head.as_json() == {"scale": None, "softcap": 15.0,
                                     "applied": [["softcap", 15.0, "final_logit_softcapping"]]}
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@CUDA[0]
+@CUDA[1]
+def test_architecture_cuda(family, dtype, arch_models):
+    """On CUDA the head still matches (fp32: every check; bf16: the last layer, at its limit),
+    and the norm lens agrees with the float64 CPU lens at every layer."""
+    model = load_model(str(ARCH / family), device="cuda", dtype=dtype)
+    checks = self_test(model, RunConfig(dtype=dtype))
+    required = checks if dtype == "float32" else checks[:1]
+    assert all(c.ok for c in required), [(c.name, c.detail) for c in checks]
+    cpu = arch_models[family]
+    ids = tokenize(model, PROMPT)
+    ours = build_analysis(model, RunConfig(dtype=dtype)).lens
+    ref = build_analysis(cpu, RunConfig(dtype="float64")).lens
+    resids, ref_resids = capture(model, ids).resids, capture(cpu, ids).resids
+    limit = 1e-3 if dtype == "float32" else 0.1
+    for layer in range(model.n_layers + 1):
+        p = torch.log_softmax(ours.forward(resids[layer], layer).double().cpu(), -1)
+        q = torch.log_softmax(ref.forward(ref_resids[layer], layer), -1)
+        assert float(kl_bits(p, q).max()) < limit, (layer, float(kl_bits(p, q).max()))

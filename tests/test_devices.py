@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import math
 from types import SimpleNamespace
 
@@ -158,3 +159,21 @@ def test_progress_draws_only_on_a_terminal():
         p.layer("y", 1, 2)
         p.clear()
         assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("preset", [None, ":16:8"])
+def test_cuda_environment_is_set_at_import_unless_the_user_set_it(preset):
+    """The CUDA settings are in place before CUDA can initialise; a user's own value wins."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUBLAS_WORKSPACE_CONFIG", "PYTORCH_CUDA_ALLOC_CONF")}
+    if preset is not None:
+        env["CUBLAS_WORKSPACE_CONFIG"] = preset
+    code = ("import os, lens.model, torch; "
+            "assert not torch.cuda.is_initialized(); "
+            "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], os.environ['PYTORCH_CUDA_ALLOC_CONF'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [preset or ":4096:8", "expandable_segments:True"]
