@@ -37,9 +37,9 @@ class RunConfig:
     prism_dir: Path | None = None
     keep_residuals: bool = False
     device_map: str | None = None
-    """Passed to the bridge for models larger than one GPU: ``auto``, ``balanced``… or a JSON map."""
+    """Hugging Face placement for models larger than one GPU: ``auto``, ``balanced``… or a JSON map."""
     n_devices: int | None = None
-    """Split the model over this many CUDA devices (the bridge's ``n_devices``)."""
+    """Split the model over this many CUDA devices (balanced, via Hugging Face/Accelerate)."""
     topk_verbose: int = 20
     topk_brief: int = 5
     batch_size: int = 8
@@ -76,11 +76,11 @@ class RunConfig:
 
     @property
     def multi_device(self) -> bool:
-        """Whether the bridge, not lens, places the model (``--device-map``/``--n-devices`` > 1)."""
+        """Whether Hugging Face, not lens, places the model (``--device-map``/``--n-devices`` > 1)."""
         return self.device_map is not None or (self.n_devices or 1) > 1
 
     def device_map_value(self) -> str | dict | None:
-        """``--device-map`` as the bridge takes it: a strategy name or a decoded JSON map."""
+        """``--device-map`` as ``from_pretrained`` takes it: a strategy name or a decoded JSON map."""
         if self.device_map is None or not self.device_map.lstrip().startswith("{"):
             return self.device_map
         try:

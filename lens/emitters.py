@@ -354,7 +354,8 @@ class LastLayerConsistency:
             temp_est=float(temps[best]) if math.isfinite(kl) else math.nan,
             kl_after_temp_bits=metrics.settle(kls[best]),
             cfg_transform=tuple(ctx.head_transform.items()),
-            kl_after_transform_bits=(("scale", kl_after(bool(scale))), ("softcap", kl_after(bool(softcap))),
+            kl_after_transform_bits=(("scale", kl_after(bool(scale))),
+                                     ("softcap", kl_after(bool(softcap))),
                                      ("scale_then_softcap", kl_after(bool(scale and softcap)))),
             warn_high_last_layer_kl=kl > 0.5 if math.isfinite(kl) else None,
         )

@@ -67,7 +67,7 @@ class LoadedModel:
     """What the model's forward applies to the unembedding's output."""
     hf_config: Any
     prepend_bos: bool
-    """Prepend the tokenizer's BOS when it does not add one itself (TransformerLens' default)."""
+    """Prepend the tokenizer's BOS when it does not add one itself (TransformerLens' convention)."""
 
     @property
     def W_U(self) -> Tensor:
@@ -257,7 +257,8 @@ class Capture:
     i = what block i-1 hands on (``lens.wiring``)."""
 
 
-def _forward(model: LoadedModel, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _forward(model: LoadedModel, tokens: Tensor,
+             mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(logits (batch, seq, vocab), residuals (n_layers + 1, batch, seq, d_model)) of one forward.
 
     A row's position ids count only its real tokens (``cumsum(mask) - 1``), so
@@ -290,7 +291,8 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
     tokens no longer start at index 0, so their position ids must: they are
     derived from the mask (``cumsum(mask) - 1``, per row) — the learned
     positions of GPT-2 and the rotary angles of Llama alike. With right padding
-    the real tokens keep positions ``0..len-1`` and, in a causal model, never attend to the padding after them. Either way a prompt's numbers equal
+    the real tokens keep positions ``0..len-1`` and, in a causal model, never
+    attend to the padding after them. Either way a prompt's numbers equal
     its single-prompt numbers up to float rounding (matmul shapes differ).
 
     Args:

@@ -52,7 +52,7 @@ class NormSpec:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The library module behind a TransformerLens bridge component (or itself)."""
+    """The library module behind a wrapper component (e.g. a TransformerLens bridge), or itself."""
     for attr in ("original_component", "_original_component"):
         inner = getattr(module, attr, None)
         if isinstance(inner, nn.Module):

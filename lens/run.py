@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: first of cuda, mps, cpu whose free memory fits the model "
                         "(default auto)")
     p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="let the bridge place a model larger than one GPU: auto, balanced, "
+                   help="let Hugging Face place a model larger than one GPU: auto, balanced, "
                         "sequential, or a JSON map of module names to devices")
     p.add_argument("--n-devices", type=int, default=None, metavar="N",
                    help="split the model over N CUDA devices")

@@ -84,7 +84,8 @@ def arch_models() -> dict[str, LoadedModel]:
     return Lazy()
 
 
-def _streams(model: LoadedModel, family: Family, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _streams(model: LoadedModel, family: Family,
+             ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Plain transformers: the stream each layer's norm reads, and the model's own logits.
 
     Layers 0..n-1 are the inputs of blocks 0..n-1 (``output_hidden_states``); a
@@ -227,7 +228,7 @@ def _end_to_end(model: LoadedModel, family: Family, run_lens: Callable[..., tupl
 
 
 def _miswired_norm_fails(model: LoadedModel, family: Family) -> None:
-    """A norm wired wrongly (γ off by 1.5×, β shifted) fails every norm check, whatever the shape."""
+    """A mis-wired norm (γ × 1.5, β shifted) fails every norm check, whatever the shape."""
     def broken(spec):  # type: ignore[no-untyped-def]
         bias = None if spec.bias is None else spec.bias + 0.5
         return dataclasses.replace(spec, weight=spec.weight * 1.5, bias=bias)

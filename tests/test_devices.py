@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import math
+import os
 from types import SimpleNamespace
 
 import pytest

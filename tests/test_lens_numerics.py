@@ -53,7 +53,8 @@ def test_layer0_is_the_input_of_block0(tiny_models, name):
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
     with torch.no_grad():
-        hidden = model.hf_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        hidden = model.hf_model(input_ids=torch.tensor([ids]),
+                                output_hidden_states=True).hidden_states
     assert torch.allclose(cap.resids[0], hidden[0][0], atol=1e-12)
 
 
