@@ -104,7 +104,7 @@ def detect_head_transform(config: Any, head_out: Tensor, logits: Tensor) -> Head
     for scale, cap in itertools.product(scales, caps):
         candidate = HeadTransform(tuple(s for s in (scale, cap) if s is not None))
         got = candidate(head_out.detach().to(torch.float64).clone())
-        if got.shape == want.shape and torch.allclose(got, want, **tol):
+        if got.shape == want.shape and torch.allclose(got, want, equal_nan=True, **tol):
             return candidate
     keys = [k for _, k in _declared(config, (*SCALE_KEYS, *SOFTCAP_KEYS))]
     raise LensError(f"the model changes its logits after the unembedding in a way lens does not "

@@ -200,4 +200,6 @@ def observe(model: nn.Module, ids: Tensor, *, n_layers: int) -> Observation:
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and bool(torch.equal(a, b))
+    """The same values (NaN equal to NaN: a poisoned model is still wired the same way)."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype
+                      and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)))
