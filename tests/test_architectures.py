@@ -67,7 +67,7 @@ FAMILIES = {
                            shape="post_norm", closing="final_layer_norm"),
 }
 CHECKS = ("last_layer_kl", "self_test", "norm_lens_reference", "logit_lens_reference",
-          "raw_lens_reference", "end_to_end", "miswired_norm_fails")
+          "raw_lens_reference", "end_to_end", "miswired_norm_fails", "miswired_layer0_fails")
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +237,14 @@ def _miswired_norm_fails(model: LoadedModel, family: Family) -> None:
         dataclasses.replace(model, norms=tuple(broken(s) for s in model.norms)),
         RunConfig(dtype="float64"))}
     assert list(verdicts.values()) == [False, False, False, True], verdicts
+
+
+def _miswired_layer0_fails(model: LoadedModel, family: Family) -> None:
+    """Layer 0 read at the wrong place (block 1's input) fails the layer-0 check."""
+    blocks = model.wiring.blocks
+    wiring = dataclasses.replace(model.wiring, blocks=(blocks[1], *blocks[1:]))
+    checks = self_test(dataclasses.replace(model, wiring=wiring), RunConfig(dtype="float64"))
+    assert [c.ok for c in checks][-1] is False, [(c.name, c.detail) for c in checks]
 
 
 @pytest.mark.parametrize("family,check", [(f, c) for f in FAMILIES for c in CHECKS],
