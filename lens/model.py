@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -72,7 +72,7 @@ class LoadedModel:
     @property
     def W_U(self) -> Tensor:
         """(d_model, d_vocab) a transposed view of the head's weight (no copy)."""
-        return self.wiring.head.weight.T
+        return cast(Tensor, self.wiring.head.weight).T
 
     @property
     def b_U(self) -> Tensor | None:
@@ -206,11 +206,11 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                 source, dtype=dt, attn_implementation="eager",
                 **(_placement(device_map, n_devices) if multi else {}))
             if not multi:
-                hf_model.to(plan.device)
+                hf_model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub
     except Exception as exc:  # noqa: BLE001
         raise LensError(f"cannot load weights of {model_id}: {_first_line(exc)}") from exc
     hf_model.eval()
-    dev = hf_model.get_input_embeddings().weight.device if multi else plan.device
+    dev = cast(Tensor, hf_model.get_input_embeddings().weight).device if multi else plan.device
     n_layers = int(hf_config.num_hidden_layers)
     probe = torch.tensor([[int(tokenizer.eos_token_id or 0)]], device=dev)
     with model_precision(dt):
@@ -229,7 +229,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
         n_layers=n_layers,
         d_model=d_model,
         n_heads=int(hf_config.num_attention_heads),
-        d_vocab=int(wiring.head.weight.shape[0]),
+        d_vocab=int(cast(Tensor, wiring.head.weight).shape[0]),
         n_ctx=int(getattr(hf_config, "max_position_embeddings", 0) or tokenizer.model_max_length),
         additive_positions=_additive_positions(hf_config),
         architecture=wiring.architecture,

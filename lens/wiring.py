@@ -129,8 +129,9 @@ class Observation:
 def observe(model: nn.Module, ids: Tensor, *, n_layers: int) -> Observation:
     """Run ``ids`` (1, seq) once with hooks everywhere and read the wiring off the calls."""
     blocks = tuple(find_blocks(model, n_layers))
-    head = model.get_output_embeddings()
-    if head is None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
         raise LensError(f"{type(model).__name__} has no output embedding (lm_head); "
                         "lens needs a causal LM head")
     inside = {id(m) for b in blocks for m in b.modules()}
@@ -174,10 +175,9 @@ def observe(model: nn.Module, ids: Tensor, *, n_layers: int) -> Observation:
         own = [c for c in calls if any(c[1] is m for m in norms)]
         ln1.append(own[0][1] if own else None)
         pre = pre and bool(own) and _same(own[0][2], block_in)
-        last = own[-1] if own else None
-        is_closing = last is not None and _same(last[3], block_out)
-        closing.append(last[1] if is_closing else None)
-        post = post and is_closing
+        closer = own[-1][1] if own and _same(own[-1][3], block_out) else None
+        closing.append(closer)
+        post = post and closer is not None
     final = next((m for _, m, _, out in calls
                   if any(m is o for o in outer_norms) and _same(out, io["head_in"])), None)
     architecture: Architecture
