@@ -2,48 +2,96 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from lens.errors import LensError
 from lens.probe import Control, Fact, Probe, default_probe, parse_probe
 
-__all__ = ["Control", "Fact", "Probe", "RunConfig", "default_probe", "parse_probe"]
+__all__ = ["Control", "Fact", "Probe", "RunConfig", "default_probe", "option", "parse_probe"]
 
-RAW_LENS_MODES = ("off", "sample", "full")
-PRISM_MODES = ("auto", "on", "off")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
+RawLensMode = Literal["off", "sample", "full"]
+PrismMode = Literal["auto", "on", "off"]
+Device = Literal["auto", "cuda", "mps", "cpu"]
+DType = Literal["auto", "float32", "float64", "float16", "bfloat16"]
+RAW_LENS_MODES: tuple[str, ...] = get_args(RawLensMode)
+PRISM_MODES: tuple[str, ...] = get_args(PrismMode)
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(DType)
 SEED = 316
+
+
+def cli_flag(field_name: str) -> str:
+    """The command-line flag of a ``RunConfig`` field: ``copy_threshold`` → ``--copy-threshold``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def choices(annotation: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal[...]`` annotation (``()`` for any other type)."""
+    return tuple(get_args(annotation)) if get_origin(annotation) is Literal else ()
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def option(default: Any, help: str, *, metavar: str | None = None) -> Any:
+    """A ``RunConfig`` field that is also a ``python -m lens.run`` flag (``lens.cli``).
+
+    The flag is ``--`` plus the field name with ``-`` for ``_``; its type,
+    default and choices come from the field itself (a ``Literal`` gives the
+    choices), ``help`` says what it does (the default is appended).
+    """
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+def fixed(default: Any, why: str) -> Any:
+    """A ``RunConfig`` field that is deliberately not a flag; ``why`` says why."""
+    return field(default=default, metadata={"cli": False, "why": why})
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything that changes the numbers of one model's run.
 
-    Variants are made with ``dataclasses.replace``; validation raises
-    ``LensError`` so bad CLI values become one clear line.
+    Each field is spelled once, here: ``lens.cli`` builds the command-line
+    flags from the fields' types, defaults and ``option`` metadata. Variants
+    are made with ``dataclasses.replace``; validation raises ``LensError`` so
+    bad CLI values become one clear line.
     """
 
-    copy_threshold: float = 0.95
-    copy_margin: float = 0.10
-    copy_window_k: int = 1
-    raw_lens: str = "sample"
-    fp32_unembed: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    prism: str = "auto"
-    prism_dir: Path | None = None
-    keep_residuals: bool = False
-    device_map: str | None = None
-    """Hugging Face placement for models larger than one GPU: ``auto``, ``balanced``… or a JSON map."""
-    n_devices: int | None = None
-    """Split the model over this many CUDA devices (balanced, via Hugging Face/Accelerate)."""
-    topk_verbose: int = 20
-    topk_brief: int = 5
-    batch_size: int = 8
-    """Prompts per forward pass for probes with more than one fact (1 = one at a time)."""
+    copy_threshold: float = option(0.95, "copy rule: p_top1 above this", metavar="P")
+    copy_margin: float = option(0.10, "copy rule: p_top1 - p_top2 above this", metavar="M")
+    copy_window_k: int = option(1, "copy rule: top-1 ids in the copy window", metavar="K")
+    raw_lens: RawLensMode = option(
+        "sample", "raw-vs-norm lens check: off, sample (4 layers) or full (every layer)")
+    fp32_unembed: bool = option(
+        False, "decode through an fp32 copy of W_U even for fp32/fp16 compute")
+    device: Device = option(
+        "auto", "auto: first of cuda, mps, cpu whose free memory fits the model")
+    dtype: DType = option(
+        "auto",
+        "compute dtype; auto follows the policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32")
+    prism: PrismMode = option(
+        "auto", "Prism sidecar lens: auto uses compatible artifacts, on requires them, "
+                "off disables")
+    prism_dir: Path | None = option(
+        None, "Prism artifacts root: reads <dir>/<name>/ (default prisms/)", metavar="DIR")
+    keep_residuals: bool = option(
+        False, "also save the per-layer residuals as output-<name>-residuals.pt")
+    device_map: str | None = option(
+        None, "let Hugging Face place a model larger than one GPU: auto, balanced, sequential, "
+              "or a JSON map of module names to devices", metavar="MAP")
+    n_devices: int | None = option(None, "split the model over N CUDA devices", metavar="N")
+    topk_verbose: int = fixed(20, "the records CSV layout has 20 top-k slots (docs/outputs.md)")
+    topk_brief: int = fixed(5, "the top-5 of brief positions is part of the output contract")
+    batch_size: int = option(
+        8, "prompts per forward pass for probes with more than one fact (1 = one at a time)",
+        metavar="N")
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_threshold <= 1:
@@ -54,14 +102,11 @@ class RunConfig:
             raise LensError(f"--copy-window-k must be at least 1, got {self.copy_window_k}")
         if self.batch_size < 1:
             raise LensError(f"--batch-size must be at least 1, got {self.batch_size}")
-        for value, allowed, flag in (
-            (self.raw_lens, RAW_LENS_MODES, "--raw-lens"),
-            (self.prism, PRISM_MODES, "--prism"),
-            (self.device, DEVICES, "--device"),
-            (self.dtype, DTYPES, "--dtype"),
-        ):
-            if value not in allowed:
-                raise LensError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        for f in fields(self):
+            allowed = choices(self.field_type(f.name))
+            if allowed and getattr(self, f.name) not in allowed:
+                raise LensError(f"{cli_flag(f.name)} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, f.name)!r}")
         if self.n_devices is not None and self.n_devices < 1:
             raise LensError(f"--n-devices must be at least 1, got {self.n_devices}")
         if self.device_map is not None and not self.device_map.strip():
@@ -73,6 +118,11 @@ class RunConfig:
             raise LensError(f"{flag} and --device {self.device} are mutually exclusive: "
                             f"{flag} places the model itself; drop --device")
         self.device_map_value()
+
+    @classmethod
+    def field_type(cls, name: str) -> Any:
+        """The resolved annotation of field ``name`` (``Literal[...]``, ``Path | None``…)."""
+        return _hints(cls)[name]
 
     @property
     def multi_device(self) -> bool:

@@ -1,4 +1,4 @@
-"""Device and dtype policy (SPEC §9): which device a model fits on, in which dtype.
+"""Device and dtype policy (README, Devices): which device a model fits on, in which dtype.
 
 ``--device auto`` takes the first of cuda → mps → cpu whose free memory holds
 the estimate ``params · bytes/param · (1 + OVERHEAD) + RESERVE[device]``, with
@@ -141,7 +141,7 @@ def estimate_params(hf_config: Any) -> int | None:
 
 
 def pick_dtype(requested: str, device: torch.device, model_id: str, n_params: int | None) -> torch.dtype:
-    """SPEC §9 dtype policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32 (≥ 30B bf16)."""
+    """The dtype policy: cuda fp16 (Gemma bf16), mps fp16, cpu fp32 (≥ 30B: bf16)."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cuda":
@@ -174,14 +174,14 @@ def _gib(n: float | None) -> str:
 def plan_device(requested: str, *, model_id: str, n_params: int | None, dtype: str = "auto",
                 multi_device: bool = False, n_devices: int | None = None,
                 free: FreeMemory = free_memory) -> DevicePlan:
-    """Choose device and dtype for one model (SPEC §9).
+    """Choose device and dtype for one model (README, Devices).
 
     Args:
         requested: ``auto``, ``cuda``, ``mps`` or ``cpu``.
         model_id: Decides the Gemma bf16 rule.
         n_params: The estimate from :func:`estimate_params`; None skips the fit check.
         dtype: ``auto`` for the policy, or a dtype name that overrides it.
-        multi_device: ``--device-map``/``--n-devices``: the bridge places the
+        multi_device: ``--device-map``/``--n-devices``: Hugging Face places the
             weights; the dtype follows cuda when it exists, and there is no fit check.
         n_devices: ``--n-devices``; more than one needs CUDA.
         free: Free memory per device kind (injected by tests).

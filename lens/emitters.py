@@ -231,7 +231,7 @@ def scalars(logp: Tensor, gold: GoldAnswer, table: TokenTable) -> Scalars:
 
 
 class NextTokenEmitter:
-    """The pure next-token record at the last position (SPEC §3.2).
+    """The pure next-token record at the last position (docs/outputs.md, Pure next-token CSV).
 
     Works on full steps and on steps decoded at the last position only.
     """
@@ -325,7 +325,7 @@ TEMPERATURES = torch.logspace(-1, 1, 25, dtype=torch.float64)
 
 
 class LastLayerConsistency:
-    """At the last layer: the lens against the model's own head (SPEC §6)."""
+    """At the last layer: the lens against the model's own head (docs/outputs.md)."""
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx = step.ctx

@@ -1,4 +1,4 @@
-"""Gold-answer alignment (SPEC §5): which token ids spell the answer after the prompt."""
+"""Gold-answer alignment (docs/outputs.md): which token ids spell the answer after the prompt."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class Lens(ABC):
 
 
 class NormLens(Lens):
-    """Normalise with the module the model applies next (SPEC §2), then unembed."""
+    """Normalise with the module the model applies next (docs/outputs.md), then unembed."""
 
     name = "norm"
 

@@ -87,7 +87,7 @@ def copy_collapse(
     window: Sequence[int], context_ids: Sequence[int], *, p_top1: float, p_top2: float,
     top1_text: str, threshold: float, margin: float, k: int,
 ) -> bool:
-    """The copy rule of SPEC §4 on a full window of the last ``k`` top-1 ids."""
+    """The copy rule (docs/outputs.md) on a full window of the last ``k`` top-1 ids."""
     return (
         len(window) == k
         and is_contiguous_subsequence(window, context_ids)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.norms import NormSpec, describe_norm
 from lens.precision import model_precision
 from lens.unembed import HeadTransform, detect_head_transform
@@ -172,7 +172,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     """Load ``model_id`` as a Hugging Face causal LM and learn its wiring.
 
     Args:
-        device, dtype: ``--device``/``--dtype``; ``auto`` follows the SPEC §9 policy
+        device, dtype: ``--device``/``--dtype``; ``auto`` follows the dtype policy (README, Devices)
             (``lens.devices``), with the memory-fit check for ``--device auto``.
         device_map, n_devices: Spread a model larger than one GPU over several
             (Hugging Face/Accelerate placement; exclusive with an explicit ``device``).
@@ -193,7 +193,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             hf_config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
-        raise LensError(f"cannot load config/tokenizer of {model_id}: {_first_line(exc)}") from exc
+        raise LensError(f"cannot load config/tokenizer of {model_id}: {first_line(exc)}") from exc
     stage("device")
     multi = device_map is not None or (n_devices or 1) > 1
     plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
@@ -208,7 +208,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             if not multi:
                 hf_model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub
     except Exception as exc:  # noqa: BLE001
-        raise LensError(f"cannot load weights of {model_id}: {_first_line(exc)}") from exc
+        raise LensError(f"cannot load weights of {model_id}: {first_line(exc)}") from exc
     hf_model.eval()
     dev = cast(Tensor, hf_model.get_input_embeddings().weight).device if multi else plan.device
     n_layers = int(hf_config.num_hidden_layers)
@@ -239,11 +239,6 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
         hf_config=hf_config,
         prepend_bos=True,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Architecture-aware normalisation for the norm lens (SPEC §2).
+"""Architecture-aware normalisation for the norm lens (docs/outputs.md).
 
 A norm is recognised by what the module *does*, not by its class name: the
 baseline missed TransformerLens' own LayerNorm class and decoded GPT-2 with RMS

@@ -1,4 +1,4 @@
-"""Prism sidecar lens (SPEC §7): the fitting maths, the artifacts, and ``PrismLens``.
+"""Prism sidecar lens (README, Prism): the fitting maths, the artifacts, and ``PrismLens``.
 
 Prism decodes the residual through the model's own norm, then a diagonal
 whitening and one orthogonal map ``Q`` fitted to the unembedding::
@@ -13,8 +13,8 @@ Shapes and conventions (row vectors, as everywhere in lens):
 - ``U_k``: (d_model, k), columns = the top-k left singular vectors of
   ``W_U`` (d_model, d_vocab).
 - ``Q``: (d_model, d_model) orthogonal, applied as ``z @ Q``; it is the
-  Procrustes map that sends axis ``e_i`` to ``u_i`` (``E_kᵀ Q ≈ U_kᵀ``). SPEC §7
-  writes it for column vectors, ``U Vᵀ`` from ``svd(U_k E_kᵀ)``; ours is its
+  Procrustes map that sends axis ``e_i`` to ``u_i`` (``E_kᵀ Q ≈ U_kᵀ``). The usual
+  statement writes it for column vectors, ``U Vᵀ`` from ``svd(U_k E_kᵀ)``; ours is its
   transpose, computed as ``U Vᵀ`` from ``svd(E_k U_kᵀ)``.
 
 The fitting CLI is ``lens.prism_fit``; this module holds everything the run
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lens.config import RunConfig
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.lenses import Lens
 from lens.norms import NormSpec
 from lens.unembed import Unembed
@@ -48,7 +48,7 @@ PROVENANCE_FILE = "provenance.json"
 ARTIFACT_FILES = (WHITEN_FILE, Q_FILE, PROVENANCE_FILE)
 EPS = 1e-8
 ORTHO_REFIT = 1e-3
-"""Re-orthonormalise ``Q`` by QR when ``‖QᵀQ − I‖_F`` exceeds this (SPEC §7)."""
+"""Re-orthonormalise ``Q`` by QR when ``‖QᵀQ − I‖_F`` exceeds this (README, Prism)."""
 ORTHO_ACCEPT = 1e-2
 """Refuse artifacts whose stored ``Q`` is further than this from orthogonal."""
 FIT_HINT = "fit them with python -m lens.prism_fit MODEL --prism-dir DIR"
@@ -66,7 +66,7 @@ class RunningMoments:
 
     Merging batch moments keeps the error of a long stream at the level of one
     batch, unlike running sums of squares. ``dtype`` is float32 for float32 and
-    half-precision models (SPEC §7) and float64 for float64 models.
+    half-precision models (README, Prism) and float64 for float64 models.
     """
 
     def __init__(self, d: int, *, dtype: torch.dtype = torch.float32) -> None:
@@ -270,17 +270,12 @@ def artifacts_present(path: Path) -> bool:
     return all((path / f).is_file() for f in ARTIFACT_FILES)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _load_tensor_file(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         raise PrismError(f"cannot read {file} (truncated or not a torch file: "
-                         f"{_first_line(exc)}); refit: {FIT_HINT}") from None
+                         f"{first_line(exc)}); refit: {FIT_HINT}") from None
 
 
 def _vector(value: Any, file: Path, key: str) -> Tensor:
@@ -335,7 +330,7 @@ def load_artifacts(path: Path, *, d_model: int | None = None,
     try:
         provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismError(f"invalid {path / PROVENANCE_FILE}: {_first_line(exc)}; "
+        raise PrismError(f"invalid {path / PROVENANCE_FILE}: {first_line(exc)}; "
                          f"refit: {FIT_HINT}") from None
     if not isinstance(provenance, dict):
         raise PrismError(f"invalid {path / PROVENANCE_FILE}: expected a JSON object; "
@@ -350,7 +345,7 @@ def load_artifacts(path: Path, *, d_model: int | None = None,
 
 
 class PrismLens(Lens):
-    """The model's norm, then whitening and ``Q``, then the same unembedding (SPEC §7)."""
+    """The model's norm, then whitening and ``Q``, then the same unembedding (README, Prism)."""
 
     name = "prism"
 

@@ -1,4 +1,4 @@
-"""``python -m lens.prism_fit [MODEL …]``: fit the Prism lens's artifacts (SPEC §7).
+"""``python -m lens.prism_fit [MODEL …]``: fit the Prism lens's artifacts (README, Prism).
 
 For each model: run the prompt set, normalise the residuals at post-block
 depths ≈ 25/50/75 % with the model's own norms, and stream every position
@@ -24,14 +24,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from lens import metrics
-from lens.config import DEVICES, DTYPES, SEED
+from lens.config import SEED
 from lens.emitters import depth_layers
-from lens.cli import OneLineParser
+from lens.cli import OneLineParser, add_config_flags
 from lens.errors import LensError
 from lens.lenses import Lens, NormLens
 from lens.model import Capture, LoadedModel, capture_batch, tokenize
@@ -48,6 +48,7 @@ from lens.prism import (
     unembedding_basis,
     whiten,
 )
+from lens.progress import Progress
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 
 PROG = "python -m lens.prism_fit"
@@ -60,7 +61,7 @@ BATCH_TOKENS = 1024
 """Prompts run together, right-padded, up to this many padded tokens per forward."""
 ARTIFACT_DTYPE = torch.float32
 """Artifacts are stored in float32 whatever the model's dtype. Float32 is all the
-lens needs (SPEC §7: fp32 statistics, fp32 W_U), and it makes a float64 fit
+lens needs (README, Prism: fp32 statistics, fp32 W_U), and it makes a float64 fit
 bit-identical across CPU kernels: PCA amplifies the fit's last-bit kernel noise
 (~1e-16) to ~1e-14, still far below float32 resolution (6e-8)."""
 
@@ -83,9 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reservoir", type=int, default=RESERVOIR_DEFAULT,
                    help=f"rows kept for the principal axes (default {RESERVOIR_DEFAULT})")
     p.add_argument("--seed", type=int, default=SEED, help=f"reservoir seed (default {SEED})")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="default auto")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default auto (as lens.run)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
+    add_config_flags(p, only=("device", "dtype"))
     return p
 
 
@@ -115,24 +115,6 @@ def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
     held = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     fit = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     return fit, held
-
-
-class Progress:
-    """A one-line ``\\r`` progress display on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
-        self.stream = stream or sys.stderr
-        self.active = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def show(self, text: str) -> None:
-        if self.active:
-            self.stream.write(f"\r\033[K{text}")
-            self.stream.flush()
-
-    def done(self) -> None:
-        if self.active:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
 
 
 def captures(model: LoadedModel, prompts: Sequence[str]) -> Iterator[tuple[list[int], Capture]]:
@@ -307,7 +289,7 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
     provenance["held_out_kl_bits"] = held_out_kl(model, held, layers, lenses, progress)
     seconds["held_out"] = time.perf_counter() - clock
     provenance["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
-    progress.done()
+    progress.clear()
     return FitResult(artifacts, tuple(messages))
 
 
@@ -324,7 +306,7 @@ def fit_model(model_id: str, prompts: Sequence[str], source: str, args: argparse
     start = time.perf_counter()
     model = load_model(model_id, device=args.device, dtype=args.dtype)
     result = fit(model, prompts, source=source, k_requested=args.k, reservoir=args.reservoir,
-                 seed=args.seed, progress=Progress(enabled=not args.quiet))
+                 seed=args.seed, progress=Progress(quiet=args.quiet))
     directory = (args.prism_dir or DEFAULT_DIR) / model.name
     try:
         result.artifacts.save(directory)

@@ -217,5 +217,5 @@ def resolve_probe(spec: str) -> Probe:
 
 
 def default_probe() -> Probe:
-    """The built-in baseline probe (SPEC §1), shipped as ``lens/probes/default.json``."""
+    """The built-in baseline probe (Germany → Berlin), shipped as ``lens/probes/default.json``."""
     return builtin_probe("default")

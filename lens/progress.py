@@ -1,6 +1,8 @@
-"""A one-line progress display on stderr: model, pass and layer.
+"""The one progress display of lens: a line on stderr, redrawn in place.
 
-It draws only when stderr is a terminal and ``--quiet`` is off, so logs, pipes
+Every long-running command uses it (``lens.run`` single runs and sweep workers:
+model, stage, fact, pass and layer; ``lens.prism_fit``: prompts collected). It
+draws only when its stream is a terminal and ``--quiet`` is off, so logs, pipes
 and tests see nothing of it. No dependency: a carriage return and an
 erase-line escape redraw the line.
 """
@@ -16,7 +18,7 @@ _CLEAR = "\r\x1b[K"
 
 
 class Progress:
-    """Draws ``[i/n] model · what · layer l/L`` in place.
+    """Draws ``[i/n] model · fact f/F (id) · what · layer l/L`` in place.
 
     Args:
         quiet: ``--quiet``: draw nothing.
@@ -34,6 +36,7 @@ class Progress:
         self.interval = interval
         self._drawn = False
         self._last = 0.0
+        self._fact = ""
 
     def show(self, text: str) -> None:
         """Replace the line with ``prefix · text``."""
@@ -49,7 +52,13 @@ class Progress:
     def layer(self, what: str, layer: int, n_layers: int) -> None:
         """A layer of a pass was decoded (redrawn at most every ``interval`` seconds)."""
         if self.enabled and (layer == n_layers or time.monotonic() - self._last >= self.interval):
-            self.show(f"{what} · layer {layer}/{n_layers}")
+            self.show(f"{self._fact}{what} · layer {layer}/{n_layers}")
+
+    def fact(self, done: int, total: int, fact_id: str) -> None:
+        """Facts of a multi-fact probe finished (``analyse``'s ``fact_progress``): shown
+        before the pass and layer from now on."""
+        self._fact = f"fact {done}/{total} ({fact_id}) · "
+        self.show(self._fact.removesuffix(" · "))
 
     def clear(self) -> None:
         """Erase the line before ordinary output."""

@@ -55,12 +55,12 @@ FactProgressFn = Callable[[int, int, str], None]
 
 @dataclass(frozen=True, eq=False)
 class FactRun:
-    """One fact's passes and its SPEC report."""
+    """One fact's passes and its report."""
 
     fact: Fact
     passes: tuple[PassResult, ...]
     report: dict[str, Any]
-    """The report a probe holding only this fact would write (SPEC §6 keys)."""
+    """The report a probe holding only this fact would write (the keys of docs/outputs.md)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,11 +303,11 @@ def pure_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False)
 
 
 def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
-    """File name → canonical bytes for one model's run (SPEC §8).
+    """File name → canonical bytes for one model's run (docs/outputs.md).
 
     A probe with more than one fact adds the ``fact_id`` column to the CSVs and
     writes ``output-<name>-aggregate.json``; a one-fact probe writes exactly the
-    SPEC files.
+    documented one-fact files.
     """
     name, multi = run.model.name, run.probe.is_multi
     files = {

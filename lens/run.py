@@ -1,4 +1,4 @@
-"""``python -m lens.run [MODEL …]``: the probe on one or more models (SPEC §8–§9).
+"""``python -m lens.run [MODEL …]``: the probe on one or more models (README, Running).
 
 One model named on the command line runs in this process. Several models, a
 ``--models-file`` or a ``--preset`` make a sweep (``lens.sweep``): each model in
@@ -9,14 +9,13 @@ and a summary.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
-from lens.cli import OneLineParser
-from lens.errors import LensError
+from lens.cli import OneLineParser, add_config_flags, config_from
+from lens.config import RunConfig
+from lens.errors import LensError, first_line
 from lens.probe import builtin_probes, resolve_probe
 
 PROG = "python -m lens.run"
@@ -34,55 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more models: one id or path a line, # comments")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="more models: baseline10 = the ten models of the baseline study")
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: first of cuda, mps, cpu whose free memory fits the model "
-                        "(default auto)")
-    p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="let Hugging Face place a model larger than one GPU: auto, balanced, "
-                        "sequential, or a JSON map of module names to devices")
-    p.add_argument("--n-devices", type=int, default=None, metavar="N",
-                   help="split the model over N CUDA devices")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="compute dtype; auto follows the policy: cuda fp16 (Gemma bf16), mps fp16, "
-                        "cpu fp32 (default auto)")
     p.add_argument("--out_dir", type=Path, default=None,
                    help="write here instead of rotating run-latest/ under --output-root")
     p.add_argument("--output-root", type=Path, default=Path("."),
                    help="where run-latest/ lives (default: the current directory)")
-    p.add_argument("--fp32-unembed", action="store_true",
-                   help="decode through an fp32 copy of W_U even for fp32/fp16 compute")
-    p.add_argument("--keep-residuals", action="store_true",
-                   help="also save the per-layer residuals as output-<name>-residuals.pt")
-    p.add_argument("--copy-threshold", type=float, default=0.95, help="p_top1 above this (0.95)")
-    p.add_argument("--copy-margin", type=float, default=0.10, help="p_top1 - p_top2 above this (0.10)")
-    p.add_argument("--copy-window-k", type=int, default=1, help="top-1 ids in the copy window (1)")
-    p.add_argument("--raw-lens", default="sample", choices=RAW_LENS_MODES,
-                   help="raw-vs-norm lens check: off, sample (4 layers) or full (default sample)")
-    p.add_argument("--prism", default="auto", choices=PRISM_MODES,
-                   help="Prism sidecar lens: auto uses compatible artifacts, on requires them, "
-                        "off disables (default auto)")
-    p.add_argument("--prism-dir", type=Path, default=None,
-                   help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
     p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
                    help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
                         "(.json/.yaml, see README) (default: default)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="prompts per forward pass for probes with more than one fact (default 8)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only errors")
+    add_config_flags(p)
     return p
-
-
-def config_from(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
-        copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
-        device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
-        keep_residuals=args.keep_residuals, device_map=args.device_map, n_devices=args.n_devices,
-        batch_size=args.batch_size,
-    )
 
 
 def self_test_main(model_ids: Sequence[str], config: RunConfig, *, quiet: bool = False) -> int:
@@ -101,7 +64,7 @@ def self_test_main(model_ids: Sequence[str], config: RunConfig, *, quiet: bool =
             status = 1
             continue
         except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
-            print(f"FAIL {model_id}: could not run the checks: {type(exc).__name__}: {exc}")
+            print(f"FAIL {model_id}: could not run the checks: {first_line(exc)}")
             status = 1
             continue
         finally:

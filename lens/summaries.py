@@ -1,4 +1,4 @@
-"""Summaries: pure functions over records (SPEC §6)."""
+"""Summaries: pure functions over records (docs/outputs.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sweeps: the probe over a list of models, each in its own worker process (SPEC §8–§9).
+"""Sweeps: the probe over a list of models, each in its own worker process (README, Sweeps).
 
 A sweep survives its models: a model that fails (bad id, load error, out of
 memory, a crash of its process) gets one line on stderr and a failure record

@@ -1,8 +1,16 @@
 """The lens pytest plugin: tiny models, a run helper and byte-exact golden files.
 
-Load it with ``pytest_plugins = ["lens.testing"]`` (the project's root
-``conftest.py`` does). Users of lens can load the same plugin to pin their own
-probes with goldens.
+Load it with ``pytest_plugins = ["lens.testing"]`` in a ``conftest.py`` (lens's
+own root ``conftest.py`` does). Users of lens load the same plugin to pin their
+own probes with goldens: ``golden_csv``/``golden_json`` files live under the
+golden root of the project that runs pytest — the ini option
+``lens_golden_dir`` (default ``golden``, relative to pytest's rootdir) — at
+``<root>/<test module>/<test name>.csv``, never under the installed lens, so a
+user's ``pytest --snapshot-update`` touches only their own goldens.
+
+Hypothesis profiles ``ci`` (derandomised, no deadline) and ``dev`` (no
+deadline) are registered when pytest configures the session; ``ci`` is loaded
+unless ``$HYPOTHESIS_PROFILE`` or ``--hypothesis-profile`` names another.
 """
 
 from __future__ import annotations
@@ -14,28 +22,43 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "golden"
+"""lens's own checkout: the tiny models live here (only in a checkout, not in a wheel)."""
 MODELS = REPO / "tests" / "models"
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+GOLDEN_DIR_OPTION = "lens_golden_dir"
 
-settings.register_profile("ci", derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(GOLDEN_DIR_OPTION, "where golden_csv/golden_json files live, relative to "
+                  "pytest's rootdir (default: golden)", default="golden")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the hypothesis profiles and set the golden root from this project."""
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", deadline=None)
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    GoldenBytes.root = config.rootpath / config.getini(GOLDEN_DIR_OPTION)
 
 
 class GoldenBytes(SingleFileSnapshotExtension):
     """A golden file holding the exact bytes a run wrote (no newline translation)."""
 
     _write_mode = WriteMode.BINARY
+    root: Path = Path("golden")
+    """Set per session from the project running pytest (``lens_golden_dir``)."""
 
     @classmethod
     def dirname(cls, *, test_location) -> str:  # type: ignore[no-untyped-def,override]
-        return str(GOLDEN / test_location.basename)
+        return str(cls.root / test_location.basename)
 
 
 class GoldenCSV(GoldenBytes):
@@ -48,13 +71,13 @@ class GoldenJSON(GoldenBytes):
 
 @pytest.fixture
 def golden_csv(snapshot):  # type: ignore[no-untyped-def]
-    """Snapshot that stores bytes under ``golden/<test module>/<test name>.csv``."""
+    """Snapshot that stores bytes under ``<golden root>/<test module>/<test name>.csv``."""
     return snapshot.use_extension(GoldenCSV)
 
 
 @pytest.fixture
 def golden_json(snapshot):  # type: ignore[no-untyped-def]
-    """Snapshot that stores bytes under ``golden/<test module>/<test name>.json``."""
+    """Snapshot that stores bytes under ``<golden root>/<test module>/<test name>.json``."""
     return snapshot.use_extension(GoldenJSON)
 
 
@@ -78,8 +101,9 @@ def tiny_models():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def run_lens(tmp_path: Path) -> Callable[..., tuple[int, dict[str, bytes], str]]:
-    """Run the CLI in-process from the repository root; returns (status, files, stderr).
+def run_lens(tmp_path: Path,
+             pytestconfig: pytest.Config) -> Callable[..., tuple[int, dict[str, bytes], str]]:
+    """Run the CLI in-process from pytest's rootdir; returns (status, files, stderr).
 
     ``files`` maps each written file name to its bytes; the output directory is
     a fresh temporary one unless ``--out_dir`` is among the arguments.
@@ -90,7 +114,7 @@ def run_lens(tmp_path: Path) -> Callable[..., tuple[int, dict[str, bytes], str]]
         out = out_dir or tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
         args: Sequence[str] = [*argv, "--out_dir", str(out), "--quiet"]
         err = io.StringIO()
-        with contextlib.chdir(REPO), contextlib.redirect_stderr(err):
+        with contextlib.chdir(pytestconfig.rootpath), contextlib.redirect_stderr(err):
             status = main(args)
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir())} if out.is_dir() else {}
         return status, files, err.getvalue()

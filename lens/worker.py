@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from lens.config import Probe, RunConfig
-from lens.errors import LensError
+from lens.errors import LensError, first_line
 from lens.progress import Progress
 from lens.rundir import RunDir
 from lens.timing import StageTimer
@@ -121,11 +121,6 @@ def summary_fields(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 # ---------------------------------------------------------------- one model
 
 
@@ -158,18 +153,6 @@ def warn_non_finite(name: str, report: Mapping[str, Any]) -> None:
             print(f"lens: warning: {name}:{where} non-finite values from layer "
                   f"{flag['first_layer']} of {flag['first_pass']} on; affected metrics are null "
                   "(diagnostics.non_finite)", file=sys.stderr, flush=True)
-
-
-class FactProgress:
-    """``lens: NAME: fact 3/24 (italy)`` on one rewritten stderr line."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, done: int, total: int, fact_id: str) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r\x1b[2Klens: {self.name}: fact {done}/{total} ({fact_id})", end=end,
-              file=sys.stderr, flush=True)
 
 
 def _summary_line(run: Any) -> str:
@@ -258,9 +241,8 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
                            free=free or free_memory, on_stage=at)
         timer.stop("load")
         at("analyse")
-        show_facts = probe.is_multi and not quiet and sys.stderr.isatty()
         run = analyse(model, probe, config, progress=progress.layer,
-                      fact_progress=FactProgress(name) if show_facts else None, timer=timer)
+                      fact_progress=progress.fact if probe.is_multi else None, timer=timer)
         warn_non_finite(name, run.report)
         timer.start("write")
         files = output_files(run, config)
@@ -286,7 +268,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
     except Exception as exc:  # noqa: BLE001 - a failing model must not end the sweep
         result = ModelResult(
             model=model_id, status="failed", stage=stage, error_class=type(exc).__name__,
-            message=f"{_first_line(exc)} (a bug or a resource limit; traceback in "
+            message=f"{first_line(exc)} (a bug or a resource limit; traceback in "
                     f"{error_file_name(name)})",
             traceback="".join(traceback.format_exception(exc)))
     finally:

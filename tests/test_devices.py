@@ -1,8 +1,7 @@
-"""Device and dtype policy with injected memory figures (SPEC §9)."""
+"""Device and dtype policy with injected memory figures (README, Devices)."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from types import SimpleNamespace
@@ -20,7 +19,6 @@ from lens.devices import (
     pick_dtype,
 )
 from lens.errors import LensError
-from lens.progress import Progress
 from lens.testing import MODELS, TINY_MODELS, reproducible
 
 LLAMA3_8B = SimpleNamespace(model_type="llama", hidden_size=4096, num_hidden_layers=32,

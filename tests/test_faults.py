@@ -266,7 +266,7 @@ def _check_unresolved(run: Run) -> None:
     assert report["gold_answer"]["first_id"] is None
     rows = _pure_rows(run)
     assert rows and all(r["p_answer"] == "" and r["answer_rank"] == "" for r in rows)
-    assert all(r["is_answer"] in ("True", "False") for r in rows)  # string fallback, SPEC §3.2
+    assert all(r["is_answer"] in ("True", "False") for r in rows)  # string fallback
     assert report["diagnostics"]["first_rank_le_1"] is None
 
 

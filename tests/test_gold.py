@@ -1,4 +1,4 @@
-"""Tests for lens.gold: aligning the gold answer after the prompt (SPEC §5)."""
+"""Tests for lens.gold: aligning the gold answer after the prompt (docs/outputs.md, Gold answer)."""
 
 from __future__ import annotations
 

@@ -325,7 +325,7 @@ def test_any_letter_or_digit_is_not_blank(prefix, core, suffix):
 
 @st.composite
 def copy_cases(draw):
-    """A case that collapses: every condition of SPEC §4 holds."""
+    """A case that collapses: every condition of the copy rule holds."""
     context = draw(st.lists(st.integers(0, 20), min_size=1, max_size=10))
     k = draw(st.integers(1, len(context)))
     start = draw(st.integers(0, len(context) - k))

@@ -1,4 +1,4 @@
-"""Prism (SPEC §7): fitting maths, the lens, artifacts, sidecar CSVs (goldens) and errors.
+"""Prism (README, Prism): fitting maths, the lens, artifacts, sidecar CSVs (goldens) and errors.
 
 The goldens pin both sidecar CSVs of a tiny-llama float64 run whose artifacts
 are fitted inside the test from ``TINY_PROMPTS`` (words of the tiny
@@ -93,7 +93,7 @@ def test_Q_is_orthogonal_for_random_unembeddings_and_bases(inputs):
 @FAST
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12))
 def test_full_rank_Q_sends_each_principal_axis_onto_its_singular_vector(seed, d):
-    """Row convention: ``e_i @ Q = u_i`` (SPEC's column-vector ``U Vᵀ``, transposed)."""
+    """Row convention: ``e_i @ Q = u_i`` (the usual column-vector ``U Vᵀ``, transposed)."""
     gen = torch.Generator().manual_seed(seed)
     E, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
     U, rank = unembedding_basis(torch.randn(d, 3 * d, generator=gen, dtype=F64))
@@ -358,22 +358,6 @@ def test_builtin_prompt_set_is_large_and_varied():
     prompts, source = prism_fit.read_prompts(None)
     assert source == "built-in" and len(prompts) >= 100 and len(set(prompts)) == len(prompts)
     assert sum("Germany" in p or "Berlin" in p for p in prompts) <= 2
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-@pytest.mark.parametrize("stream,enabled,shown", [
-    (io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)])
-def test_progress_shows_only_on_a_terminal_and_not_when_quiet(stream, enabled, shown):
-    out = stream()
-    progress = prism_fit.Progress(out, enabled=enabled)
-    progress.show("collecting 1/2")
-    progress.done()
-    assert ("collecting 1/2" in out.getvalue()) == shown
-    assert out.getvalue().endswith("\r\033[K") == shown
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -24,7 +24,6 @@ from lens.probe import (
 )
 from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
 from lens.run import main
-from lens.worker import FactProgress
 from lens.writers import read_csv_rows
 
 TESTS = Path(__file__).resolve().parent
@@ -300,14 +299,6 @@ def test_progress_reports_every_fact_once(tiny_models):
             fact_progress=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == sorted({c[0] for c in calls})  # strictly increasing
     assert calls[-1][:2] == (4, 4) and all(c[1] == 4 for c in calls)
-
-
-def test_fact_progress_line(capsys):
-    show = FactProgress("m")
-    show(1, 2, "a")
-    show(2, 2, "b")
-    err = capsys.readouterr().err
-    assert err == "\r\x1b[2Klens: m: fact 1/2 (a)\r\x1b[2Klens: m: fact 2/2 (b)\n"
 
 
 def test_cli_without_tty_prints_no_progress(run_lens):
