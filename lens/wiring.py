@@ -136,13 +136,13 @@ def observe(model: nn.Module, ids: Tensor, *, n_layers: int) -> Observation:
                         "lens needs a causal LM head")
     inside = {id(m) for b in blocks for m in b.modules()}
     outer_norms = [m for m in model.modules() if id(m) not in inside and _is_norm(m)]
-    seen: dict[str, list[tuple[int, nn.Module, Tensor, Tensor]]] = {"calls": []}
+    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+    """(norm module, its input, its output) in the order the norms ran."""
     block_io: dict[int, tuple[Tensor, Tensor]] = {}
     io: dict[str, Tensor] = {}
-    order = iter(range(1 << 30))
 
     def on_norm(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        seen["calls"].append((next(order), m, _first_tensor(args, kwargs), _output_tensor(out)))
+        calls.append((m, _first_tensor(args, kwargs), _output_tensor(out)))
 
     def on_block(i: int):  # type: ignore[no-untyped-def]
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -166,19 +166,18 @@ def observe(model: nn.Module, ids: Tensor, *, n_layers: int) -> Observation:
     if len(block_io) != n_layers or "head_in" not in io:
         raise LensError("the forward pass did not run every block and the head once; "
                         "lens cannot read this model's residual stream")
-    calls = seen["calls"]
     ln1: list[nn.Module | None] = []
     closing: list[nn.Module | None] = []
     pre = post = True
     for i, norms in enumerate(norms_of):
         block_in, block_out = block_io[i]
-        own = [c for c in calls if any(c[1] is m for m in norms)]
-        ln1.append(own[0][1] if own else None)
-        pre = pre and bool(own) and _same(own[0][2], block_in)
-        closer = own[-1][1] if own and _same(own[-1][3], block_out) else None
+        own = [c for c in calls if any(c[0] is m for m in norms)]
+        ln1.append(own[0][0] if own else None)
+        pre = pre and bool(own) and _same(own[0][1], block_in)
+        closer = own[-1][0] if own and _same(own[-1][2], block_out) else None
         closing.append(closer)
         post = post and closer is not None
-    final = next((m for _, m, _, out in calls
+    final = next((m for m, _, out in calls
                   if any(m is o for o in outer_norms) and _same(out, io["head_in"])), None)
     architecture: Architecture
     if pre:

@@ -139,26 +139,6 @@ def test_device_map_cpu_runs_like_a_plain_cpu_run(run_lens):
     assert reproducible(mapped) == reproducible(plain) and mapped.keys() == plain.keys()
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_draws_only_on_a_terminal():
-    term = _Terminal()
-    progress = Progress(stream=term, prefix="[1/2] m", interval=0)
-    progress.show("load")
-    progress.layer("pos/orig", 4, 4)
-    progress.clear()
-    assert "[1/2] m · pos/orig · layer 4/4" in term.getvalue() and term.getvalue().endswith("\r\x1b[K")
-    for stream, quiet in ((io.StringIO(), False), (_Terminal(), True)):
-        p = Progress(stream=stream, quiet=quiet)
-        p.show("x")
-        p.layer("y", 1, 2)
-        p.clear()
-        assert stream.getvalue() == ""
-
-
 @pytest.mark.parametrize("preset", [None, ":16:8"])
 def test_cuda_environment_is_set_at_import_unless_the_user_set_it(preset):
     """The CUDA settings are in place before CUDA can initialise; a user's own value wins."""
