@@ -80,7 +80,7 @@ class LoadedModel:
         return bias if isinstance(bias, Tensor) else None
 
     def norm_module(self, layer: int) -> torch.nn.Module:
-        """The model's own module behind ``norms[layer]`` (SPEC §2)."""
+        """The model's own module behind ``norms[layer]`` (docs/outputs.md, Layers and lenses)."""
         return self.wiring.norm_for_layer(layer)
 
 

@@ -54,7 +54,7 @@ class HeadTransform:
         return logits
 
     def as_json(self) -> dict[str, Any]:
-        """``cfg_transform``: ``scale`` (the divisor, z/scale as SPEC §6) and ``softcap``.
+        """``cfg_transform``: ``scale`` (the divisor: z/scale) and ``softcap``.
 
         A model without a transform gives exactly ``{scale: null, softcap: null}``;
         one with a transform adds ``applied``: its steps as ``[op, value, key]``.

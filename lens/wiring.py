@@ -11,7 +11,7 @@ none before) is decoded with the final norm at every layer.
 The residual stream is captured with the same hooks: layer 0 is block 0's
 input, layer ``i`` is what block ``i-1`` hands on — its output, or, in a
 post-norm block, the sum its closing norm normalises (so that the norm lens at
-the last layer is exactly the model's head, SPEC §2).
+the last layer is exactly the model's head; docs/outputs.md, Layers and lenses).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Wiring:
         return len(self.blocks)
 
     def norm_for_layer(self, layer: int) -> nn.Module:
-        """The module the model itself applies next to the residual of ``layer`` (SPEC §2)."""
+        """The module the model itself applies next to the residual of ``layer``."""
         n = self.n_layers
         if not 0 <= layer <= n:
             raise ValueError(f"layer must be in [0, {n}], got {layer}")

@@ -118,7 +118,7 @@ def _unembed(model: LoadedModel, family: Family, h: torch.Tensor) -> torch.Tenso
 
 
 def _norm(model: LoadedModel, family: Family, layer: int) -> torch.nn.Module:
-    """The module SPEC §2 names for ``layer``, from the family's own attribute names."""
+    """The module docs/outputs.md names for ``layer``, from the family's own attribute names."""
     hf, n = model.hf_model, model.n_layers
     blocks = operator.attrgetter(family.layers)(hf)
     if family.shape == "sublayer_norm":
