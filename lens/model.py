@@ -157,12 +157,13 @@ def _additive_positions(config: Any) -> bool:
 
 
 def _placement(device_map: str | dict | None, n_devices: int | None) -> dict[str, Any]:
-    """``from_pretrained`` kwargs that spread a model over devices (``--device-map``/``--n-devices``)."""
+    """``from_pretrained`` kwargs spreading a model over devices (``--device-map``, ``--n-devices``)."""
     if device_map is not None:
         return {"device_map": device_map}
     count = int(n_devices or 1)
     return {"device_map": "balanced",
-            "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}}
+            "max_memory": {i: torch.cuda.get_device_properties(i).total_memory
+                           for i in range(count)}}
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
