@@ -157,7 +157,7 @@ def _additive_positions(config: Any) -> bool:
 
 
 def _placement(device_map: str | dict | None, n_devices: int | None) -> dict[str, Any]:
-    """``from_pretrained`` kwargs spreading a model over devices (``--device-map``, ``--n-devices``)."""
+    """``from_pretrained`` kwargs that spread a model over several devices."""
     if device_map is not None:
         return {"device_map": device_map}
     count = int(n_devices or 1)
