@@ -86,7 +86,7 @@ class RunConfig:
     keep_residuals: bool = option(
         False, "also save the per-layer residuals as output-<name>-residuals.pt")
     device_map: str | None = option(
-        None, "let the bridge place a model larger than one GPU: auto, balanced, sequential, "
+        None, "let Hugging Face place a model larger than one GPU: auto, balanced, sequential, "
               "or a JSON map of module names to devices", metavar="MAP")
     n_devices: int | None = option(None, "split the model over N CUDA devices", metavar="N")
     topk_verbose: int = fixed(20, "the records CSV layout has 20 top-k slots (docs/outputs.md)")
@@ -136,11 +136,11 @@ class RunConfig:
 
     @property
     def multi_device(self) -> bool:
-        """Whether the bridge, not lens, places the model (``--device-map``/``--n-devices`` > 1)."""
+        """Whether Hugging Face, not lens, places the model (``--device-map``/``--n-devices`` > 1)."""
         return self.device_map is not None or (self.n_devices or 1) > 1
 
     def device_map_value(self) -> str | dict | None:
-        """``--device-map`` as the bridge takes it: a strategy name or a decoded JSON map."""
+        """``--device-map`` as ``from_pretrained`` takes it: a strategy name or a decoded JSON map."""
         if self.device_map is None or not self.device_map.lstrip().startswith("{"):
             return self.device_map
         try:

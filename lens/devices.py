@@ -33,6 +33,20 @@ BYTES_PER_PARAM = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.b
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
+CUDA_ENVIRONMENT = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+"""Deterministic cuBLAS (needed by ``torch.use_deterministic_algorithms``) and an allocator that
+does not fragment across models of different sizes in one sweep; read when CUDA initialises."""
+
+
+def prepare_cuda_environment() -> None:
+    """Set ``CUDA_ENVIRONMENT`` where the user has not: call before CUDA initialises."""
+    for key, value in CUDA_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+prepare_cuda_environment()  # at import: every path to CUDA (load_model, free_memory) imports this first
+
 FreeMemory = Callable[[str], float | None]
 """``kind`` (cuda, mps, cpu) → free bytes; ``math.inf`` if present but unmeasurable; None if absent."""
 
@@ -167,7 +181,7 @@ def plan_device(requested: str, *, model_id: str, n_params: int | None, dtype: s
         model_id: Decides the Gemma bf16 rule.
         n_params: The estimate from :func:`estimate_params`; None skips the fit check.
         dtype: ``auto`` for the policy, or a dtype name that overrides it.
-        multi_device: ``--device-map``/``--n-devices``: the bridge places the
+        multi_device: ``--device-map``/``--n-devices``: Hugging Face places the
             weights; the dtype follows cuda when it exists, and there is no fit check.
         n_devices: ``--n-devices``; more than one needs CUDA.
         free: Free memory per device kind (injected by tests).

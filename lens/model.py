@@ -1,8 +1,11 @@
-"""Loading models and capturing residuals. The only module that knows TransformerLens.
+"""Loading models and capturing residuals: plain Hugging Face, read with forward hooks.
 
 A model comes from a local Hugging Face directory, a hub id, or the embedded
-SmolLM2-135M-Instruct (``lens.embedded``). The bridge runs in plain mode, not
-compatibility mode, so its numbers are the model's own Hugging Face numbers.
+SmolLM2-135M-Instruct (``lens.embedded``). It runs as Hugging Face's own
+``AutoModelForCausalLM`` (eager attention), so every number is the model's own;
+``lens.wiring`` watches one forward to learn where its norms sit and captures
+the residual stream with forward hooks. The same path serves pre-norm,
+post-norm (OPT-350m style) and sublayer-norm (OLMo-2) blocks.
 """
 
 from __future__ import annotations
@@ -10,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import os
 import socket
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -26,15 +28,18 @@ from torch import Tensor
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
 from lens.errors import LensError, first_line
-from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
+from lens.norms import NormSpec, describe_norm
 from lens.precision import model_precision
+from lens.unembed import HeadTransform, detect_head_transform
+from lens.wiring import Architecture, Wiring, observe
 
 __all__ = ["Capture", "LoadedModel", "capture", "estimate_params", "head_logits", "load_model",
            "output_name", "pick_device", "pick_dtype", "resolve_source", "tokenize"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-ADDITIVE_POSITIONS = ("standard", "learned", "absolute")
+ROTARY_OR_ALIBI_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_pct",
+                        "rotary_dim", "rotary_emb_base", "alibi", "position_embedding_base")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -43,7 +48,8 @@ class LoadedModel:
 
     model_id: str
     name: str
-    bridge: Any
+    hf_model: Any
+    """The Hugging Face ``...ForCausalLM`` (eval mode; never modified)."""
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -54,18 +60,28 @@ class LoadedModel:
     n_ctx: int
     additive_positions: bool
     architecture: Architecture
+    wiring: Wiring
     norms: tuple[NormSpec, ...]
+    """Per layer 0..n: the norm lens's maths (``norms[-1]`` is the final norm)."""
+    head: HeadTransform
+    """What the model's forward applies to the unembedding's output."""
     hf_config: Any
     prepend_bos: bool
-    """Prepend the tokenizer's BOS when it does not add one itself (TransformerLens' default)."""
+    """Prepend the tokenizer's BOS when it does not add one itself (TransformerLens' convention)."""
 
     @property
     def W_U(self) -> Tensor:
-        return self.bridge.W_U
+        """(d_model, d_vocab) a transposed view of the head's weight (no copy)."""
+        return cast(Tensor, self.wiring.head.weight).T
 
     @property
     def b_U(self) -> Tensor | None:
-        return getattr(self.bridge, "b_U", None)
+        bias = getattr(self.wiring.head, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+
+    def norm_module(self, layer: int) -> torch.nn.Module:
+        """The model's own module behind ``norms[layer]`` (docs/outputs.md, Layers and lenses)."""
+        return self.wiring.norm_for_layer(layer)
 
 
 def output_name(model_id: str) -> str:
@@ -126,9 +142,6 @@ def _quiet():
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tl_logger = logging.getLogger("transformer_lens")
-    tl_level = tl_logger.level
-    tl_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -136,37 +149,34 @@ def _quiet():
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
-        tl_logger.setLevel(tl_level)
 
 
-def _block_order(bridge: Any, probe_id: int) -> Architecture:
-    """Record the order in which block 0's norms and sublayers run on a one-token forward."""
-    calls: list[str] = []
-    block = bridge.blocks[0]
-    handles = [
-        getattr(block, name).register_forward_hook(lambda *_, n=name: calls.append(n))
-        for name in ("ln1", "attn", "ln2", "mlp") if hasattr(block, name)
-    ]
-    try:
-        with torch.no_grad(), model_precision(bridge.cfg.dtype):
-            bridge(torch.tensor([[probe_id]], device=bridge.cfg.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return classify_block_order(calls)
+def _additive_positions(config: Any) -> bool:
+    """Learned/absolute position embeddings (GPT-2, OPT) unless the config names rotary or ALiBi."""
+    return not any(getattr(config, key, None) not in (None, False) for key in ROTARY_OR_ALIBI_KEYS)
+
+
+def _placement(device_map: str | dict | None, n_devices: int | None) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that spread a model over several devices."""
+    if device_map is not None:
+        return {"device_map": device_map}
+    count = int(n_devices or 1)
+    return {"device_map": "balanced",
+            "max_memory": {i: torch.cuda.get_device_properties(i).total_memory
+                           for i in range(count)}}
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                device_map: str | dict | None = None, n_devices: int | None = None,
                free: FreeMemory = free_memory,
                on_stage: Callable[[str], None] | None = None) -> LoadedModel:
-    """Boot ``model_id`` through ``TransformerBridge`` in plain (HF-numerics) mode.
+    """Load ``model_id`` as a Hugging Face causal LM and learn its wiring.
 
     Args:
         device, dtype: ``--device``/``--dtype``; ``auto`` follows the dtype policy (README, Devices)
             (``lens.devices``), with the memory-fit check for ``--device auto``.
-        device_map, n_devices: Passed to the bridge to place a model larger than
-            one GPU (mutually exclusive with an explicit ``device``).
+        device_map, n_devices: Spread a model larger than one GPU over several
+            (Hugging Face/Accelerate placement; exclusive with an explicit ``device``).
         free: Free memory per device kind (injected by tests).
         on_stage: Called with ``resolve``, ``device`` and ``load`` as loading
             proceeds, so that a failure can say where it happened.
@@ -175,8 +185,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     stage("resolve")
     source = resolve_source(model_id)
     stage("load")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -192,45 +201,44 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                        multi_device=multi, n_devices=n_devices, free=free)
     dt = plan.dtype
     stage("load")
-    placement: dict[str, Any] = (
-        {"device_map": device_map, "n_devices": n_devices} if multi else {"device": str(plan.device)})
     try:
         with _quiet(), model_precision(dt):
-            bridge = TransformerBridge.boot_transformers(source, dtype=dt, tokenizer=tokenizer,
-                                                         **placement)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dt, attn_implementation="eager",
+                **(_placement(device_map, n_devices) if multi else {}))
+            if not multi:
+                hf_model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub
     except Exception as exc:  # noqa: BLE001
         raise LensError(f"cannot load weights of {model_id}: {first_line(exc)}") from exc
-    dev = torch.device(bridge.cfg.device or plan.device) if multi else plan.device
-    bridge.eval()
-    cfg = bridge.cfg
-    n_layers = int(cfg.n_layers)
-    architecture = _block_order(bridge, probe_id=int(tokenizer.eos_token_id or 0))
-    blocks = bridge.blocks
-    norms = tuple(
-        describe_norm(norm_for_layer(
-            layer, architecture=architecture, ln1=[b.ln1 for b in blocks],
-            ln2=[b.ln2 for b in blocks], ln_final=bridge.ln_final,
-        ), d_model=int(cfg.d_model), dtype=dt, device=dev)
-        for layer in range(n_layers + 1)
-    )
+    hf_model.eval()
+    dev = cast(Tensor, hf_model.get_input_embeddings().weight).device if multi else plan.device
+    n_layers = int(hf_config.num_hidden_layers)
+    probe = torch.tensor([[int(tokenizer.eos_token_id or 0)]], device=dev)
+    with model_precision(dt):
+        seen = observe(hf_model, probe, n_layers=n_layers)
+    wiring = seen.wiring
+    d_model = int(hf_config.hidden_size)
+    norms = tuple(describe_norm(wiring.norm_for_layer(layer), d_model=d_model, dtype=dt, device=dev)
+                  for layer in range(n_layers + 1))
     return LoadedModel(
         model_id=model_id,
         name=output_name(model_id),
-        bridge=bridge,
+        hf_model=hf_model,
         tokenizer=tokenizer,
         device=dev,
         dtype=dt,
         n_layers=n_layers,
-        d_model=int(cfg.d_model),
-        n_heads=int(cfg.n_heads),
-        d_vocab=int(bridge.W_U.shape[-1]),
-        n_ctx=int(cfg.n_ctx),
-        additive_positions=str(getattr(cfg, "positional_embedding_type", "")).lower()
-        in ADDITIVE_POSITIONS,
-        architecture=architecture,
+        d_model=d_model,
+        n_heads=int(hf_config.num_attention_heads),
+        d_vocab=int(cast(Tensor, wiring.head.weight).shape[0]),
+        n_ctx=int(getattr(hf_config, "max_position_embeddings", 0) or tokenizer.model_max_length),
+        additive_positions=_additive_positions(hf_config),
+        architecture=wiring.architecture,
+        wiring=wiring,
         norms=norms,
+        head=detect_head_transform(hf_config, seen.head_out, seen.logits),
         hf_config=hf_config,
-        prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
+        prepend_bos=True,
     )
 
 
@@ -241,25 +249,31 @@ class Capture:
     head_logits: Tensor
     """(seq, d_vocab) the model's own output logits."""
     resids: Tensor
-    """(n_layers + 1, seq, d_model): layer 0 = embedding (+ additive positions), i = resid_post of block i-1."""
+    """(n_layers + 1, seq, d_model): layer 0 = block 0's input (embedding, + additive positions),
+    i = what block i-1 hands on (``lens.wiring``)."""
+
+
+def _forward(model: LoadedModel, tokens: Tensor,
+             mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(logits (batch, seq, vocab), residuals (n_layers + 1, batch, seq, d_model)) of one forward.
+
+    A row's position ids count only its real tokens (``cumsum(mask) - 1``), so
+    a left-padded row gets the positions it would have alone.
+    """
+    extra: dict[str, Tensor] = {}
+    if mask is not None:
+        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+    with torch.no_grad(), model_precision(model.dtype), model.wiring.tap_residuals() as taps:
+        logits = model.hf_model(input_ids=tokens, **extra).logits
+    dev = model.device  # a model split over devices (--device-map) is analysed on its first
+    resids = torch.stack([taps[layer].to(dev) for layer in range(model.n_layers + 1)])
+    return logits.detach().to(dev), resids.detach()
 
 
 def capture(model: LoadedModel, ids: list[int]) -> Capture:
     """Run ``ids`` through the model once and capture the residual stream."""
-    n = model.n_layers
-    names = {"hook_embed", *(f"blocks.{i}.hook_resid_post" for i in range(n))}
-    if model.additive_positions:
-        names.add("hook_pos_embed")
-    tokens = torch.tensor([ids], device=model.device)
-    with torch.no_grad(), model_precision(model.dtype):
-        logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda h: h in names)
-    dev = model.device  # a model split over devices (--device-map) is analysed on its first
-    layer0 = cache["hook_embed"].to(dev)
-    if model.additive_positions:
-        layer0 = layer0 + cache["hook_pos_embed"].to(dev)
-    resids = torch.stack(
-        [layer0[0]] + [cache[f"blocks.{i}.hook_resid_post"][0].to(dev) for i in range(n)])
-    return Capture(head_logits=logits[0].detach().to(dev), resids=resids.detach())
+    logits, resids = _forward(model, torch.tensor([ids], device=model.device))
+    return Capture(head_logits=logits[0], resids=resids[:, 0])
 
 
 PADDING_SIDES = ("left", "right")
@@ -270,12 +284,11 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
     """Run several prompts in one padded forward; each capture is trimmed to its own tokens.
 
     Padding is masked with a 2-D attention mask. With left padding a row's real
-    tokens no longer start at index 0, so their position ids must: the bridge
-    derives them from the mask (``cumsum(mask) - 1``, per row, only for rows
-    that need it) for every model whose forward accepts ``position_ids`` — the
-    learned positions of GPT-2 and the rotary angles of Llama alike. With right
-    padding the real tokens keep positions ``0..len-1`` and, in a causal model,
-    never attend to the padding after them. Either way a prompt's numbers equal
+    tokens no longer start at index 0, so their position ids must: they are
+    derived from the mask (``cumsum(mask) - 1``, per row) — the learned
+    positions of GPT-2 and the rotary angles of Llama alike. With right padding
+    the real tokens keep positions ``0..len-1`` and, in a causal model, never
+    attend to the padding after them. Either way a prompt's numbers equal
     its single-prompt numbers up to float rounding (matmul shapes differ).
 
     Args:
@@ -291,7 +304,7 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not batch:
         return []
-    n, width = model.n_layers, max(len(ids) for ids in batch)
+    width = max(len(ids) for ids in batch)
     pad = model.tokenizer.pad_token_id
     pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
     tokens = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -302,20 +315,9 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         tokens[row, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         mask[row, start:start + len(ids)] = 1
         spans.append(slice(start, start + len(ids)))
-    names = {"hook_embed", *(f"blocks.{i}.hook_resid_post" for i in range(n))}
-    if model.additive_positions:
-        names.add("hook_pos_embed")
-    with torch.no_grad(), model_precision(model.dtype):
-        logits, cache = model.bridge.run_with_cache(
-            tokens.to(model.device), attention_mask=mask.to(model.device),
-            names_filter=lambda h: h in names)
-    layer0 = cache["hook_embed"]
-    if model.additive_positions:
-        layer0 = layer0 + cache["hook_pos_embed"]  # (batch or 1, width, d_model) broadcasts
-    stacked = [layer0] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)]
+    logits, resids = _forward(model, tokens.to(model.device), mask.to(model.device))
     return [
-        Capture(head_logits=logits[row, span].detach().clone(),
-                resids=torch.stack([t[row, span] for t in stacked]).detach().clone())
+        Capture(head_logits=logits[row, span].clone(), resids=resids[:, row, span].clone())
         for row, span in enumerate(spans)
     ]
 
@@ -327,13 +329,14 @@ def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
     where its forward takes that argument: the other positions' unembeddings
     are never read, and with a wide vocabulary they cost as much as the blocks.
     """
-    extra = {"logits_to_keep": 1} if _keeps_logits(model.bridge) else {}
+    extra = {"logits_to_keep": 1} if _keeps_logits(model.hf_model) else {}
     with torch.no_grad(), model_precision(model.dtype):
-        return model.bridge(torch.tensor([ids], device=model.device), **extra)[0, -1].detach().to(model.device)
+        logits = model.hf_model(input_ids=torch.tensor([ids], device=model.device), **extra).logits
+    return logits[0, -1].detach().to(model.device)
 
 
-def _keeps_logits(bridge: Any) -> bool:
-    forward = getattr(getattr(bridge, "original_model", None), "forward", None)
+def _keeps_logits(hf_model: Any) -> bool:
+    forward = getattr(hf_model, "forward", None)
     try:
         return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
     except (TypeError, ValueError):

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from lens.errors import LensError
 
 NormKind = Literal["LayerNorm", "RMSNorm"]
-Architecture = Literal["pre_norm", "post_norm"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +52,7 @@ class NormSpec:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The library module behind a TransformerLens bridge component (or itself)."""
+    """The library module behind a wrapper component (e.g. a TransformerLens bridge), or itself."""
     for attr in ("original_component", "_original_component"):
         inner = getattr(module, attr, None)
         if isinstance(inner, nn.Module):
@@ -120,33 +119,3 @@ def describe_norm(module: nn.Module, *, d_model: int | None = None,
         f"unsupported normalisation module {type(inner).__name__}: it behaves like neither "
         "LayerNorm nor RMSNorm with its own parameters; the norm lens cannot decode this model"
     )
-
-
-def classify_block_order(calls: Sequence[str]) -> Architecture:
-    """Pre-norm iff a block calls ``ln1`` before its attention (ln1 → attn → ln2 → mlp).
-
-    ``calls`` is the order in which the block's ``ln1``/``attn``/``ln2``/``mlp``
-    ran during a forward pass. In a post-norm block the norms follow the
-    sublayers they close (attn → ln1 → mlp → ln2).
-    """
-    if "attn" not in calls or "ln1" not in calls:
-        raise LensError(f"cannot tell pre-norm from post-norm: block ran {list(calls)}")
-    return "pre_norm" if calls.index("ln1") < calls.index("attn") else "post_norm"
-
-
-def norm_for_layer(
-    layer: int, *, architecture: Architecture, ln1: Sequence[nn.Module],
-    ln2: Sequence[nn.Module], ln_final: nn.Module,
-) -> nn.Module:
-    """The module the model itself applies next to the residual of ``layer`` (docs/outputs.md).
-
-    Layer 0 is the embedding; layer ``i`` ≥ 1 is the residual after block ``i-1``.
-    """
-    n_layers = len(ln1)
-    if not 0 <= layer <= n_layers:
-        raise ValueError(f"layer must be in [0, {n_layers}], got {layer}")
-    if layer == 0:
-        return ln1[0]
-    if architecture == "post_norm":
-        return ln2[layer - 1]
-    return ln1[layer] if layer < n_layers else ln_final

@@ -29,7 +29,7 @@ from lens.emitters import (
     Record,
     Rows,
 )
-from lens.gold import GoldAnswer, align, encode
+from lens.gold import align, encode
 from lens.lenses import Lens, RawLens
 from lens.model import Capture, LoadedModel, capture, tokenize
 from lens.timing import StageTimer, maybe_iterate, maybe_stage
@@ -62,7 +62,8 @@ class Analysis:
     raw: RawLens
     config: RunConfig
     table: TokenTable
-    head_transform: dict[str, float | None]
+    head_transform: dict[str, Any]
+    """``cfg_transform`` of the model's head (``lens.unembed.HeadTransform.as_json``)."""
     sidecar_lenses: tuple[Lens, ...] = ()
     """The ``--lenses`` that resolved to a lens, in that order: their records go to
     sidecar CSVs, fed by the same emitters as the primary's."""

@@ -27,8 +27,10 @@ from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
 from lens.writers import json_bytes, pure_csv, records_csv
 
-SCALE_KEYS = ("final_logit_scale", "logit_scale", "final_logits_scale")
-SOFTCAP_KEYS = ("final_logit_softcap", "logit_softcap", "final_logits_softcap", "softcap")
+NORM_ALIGNMENT = {"pre_norm": "using_next_ln1_then_ln_final", "post_norm": "using_same_block_ln2",
+                  "sublayer_norm": "using_ln_final_no_pre_norm_in_blocks"}
+"""``diagnostics.norm_alignment_fix`` per block shape (``lens.wiring.Architecture``)."""
+
 FactProgressFn = Callable[[int, int, str], None]
 """``progress(facts_done, facts_total, last_fact_id)``, called as facts complete."""
 
@@ -65,18 +67,6 @@ class ModelRun:
         return tuple(p for f in self.facts for p in f.passes)
 
 
-def head_transform(hf_config: Any) -> dict[str, float | None]:
-    """Logit scale and softcap declared by the model config (docs/outputs.md)."""
-    def first(keys: Sequence[str]) -> float | None:
-        for key in keys:
-            value = getattr(hf_config, key, None)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value:
-                return float(value)
-        return None
-
-    return {"scale": first(SCALE_KEYS), "softcap": first(SOFTCAP_KEYS)}
-
-
 def build_analysis(model: LoadedModel, config: RunConfig, *,
                    progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Lenses and shared state for every pass of ``model``.
@@ -86,7 +76,7 @@ def build_analysis(model: LoadedModel, config: RunConfig, *,
     unusable artifacts raises ``LensError``). The raw lens, unless chosen,
     still decodes the last position for the trajectory plot.
     """
-    unembed = Unembed(model.W_U, model.b_U,
+    unembed = Unembed(model.W_U, model.b_U, head=model.head,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
     parts = LensParts(config=config, name=model.name, model=model, unembed=unembed,
                       norms=tuple(model.norms))
@@ -94,7 +84,7 @@ def build_analysis(model: LoadedModel, config: RunConfig, *,
     raw = RawLens(unembed)
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=raw, config=config,
-        table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
+        table=TokenTable(model.tokenizer), head_transform=model.head.as_json(),
         progress=progress,
         sidecar_lenses=tuple(r.lens for r in resolved.values() if r.lens is not None),
         resolver_summaries={n: r.summary for n, r in resolved.items() if r.summary is not None},
@@ -227,8 +217,7 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "first_block_ln1_type": _norm_name(ln0),
         "final_ln_type": _norm_name(ln_final),
         "layernorm_bias_fix": "active" if ln0.kind == "LayerNorm" else "not_needed_rms_model",
-        "norm_alignment_fix": ("using_next_ln1_then_ln_final" if model.architecture == "pre_norm"
-                               else "using_same_block_ln2"),
+        "norm_alignment_fix": NORM_ALIGNMENT[model.architecture],
         "layer0_norm_fix": "using_real_ln1_on_embeddings",
         "mixed_precision_fix": "casting_to_fp32_before_unembed" if shadow else "not_needed",
         "layer0_position_info": ("additive_pos_embed_included" if model.additive_positions

@@ -10,7 +10,13 @@ Four checks, each with its own verdict:
    real residuals the spec's output has the module's own per-position RMS
    (a wrong γ, ε or norm kind shows up as a scale mismatch).
 4. *layer 0 input*: the layer-0 residual the lens decodes (embedding, plus
-   additive positions when the model has them) is what block 0 receives.
+   additive positions when the model has them) is the model's own first hidden
+   state (``output_hidden_states``), read independently of lens's hooks.
+
+Every check is required of every block shape (pre-norm, post-norm,
+sublayer-norm): the norm modules come from the model's wiring
+(``LoadedModel.norm_module``), the specs from ``LoadedModel.norms``, so a
+mis-wired norm fails checks 1–3.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import Tensor
 from lens import metrics
 from lens.config import RunConfig, default_probe
 from lens.model import LoadedModel, capture, tokenize
-from lens.norms import norm_for_layer, unwrap
+from lens.norms import unwrap
 from lens.precision import model_precision
 from lens.report import build_analysis
 from lens.unembed import analysis_dtype
@@ -38,11 +44,7 @@ class Check:
 
 
 def _norm_modules(model: LoadedModel) -> list[torch.nn.Module]:
-    blocks = model.bridge.blocks
-    return [unwrap(norm_for_layer(layer, architecture=model.architecture,
-                                  ln1=[b.ln1 for b in blocks], ln2=[b.ln2 for b in blocks],
-                                  ln_final=model.bridge.ln_final))
-            for layer in range(model.n_layers + 1)]
+    return [unwrap(model.norm_module(layer)) for layer in range(model.n_layers + 1)]
 
 
 def _tolerance(model: LoadedModel) -> float:
@@ -66,10 +68,8 @@ def self_test(model: LoadedModel, config: RunConfig) -> list[Check]:
     head_logp = torch.log_softmax(cap.head_logits.to(dtype), -1)
     kl = float(metrics.kl_bits(lens_logp, head_logp).max())
     limit = 1e-6 if dtype == torch.float64 else (1e-3 if model.dtype == torch.float32 else 0.05)
-    post = model.architecture == "post_norm"
-    checks = [Check("last-layer lens reproduces the head", post or kl <= limit,
-                    f"max KL {kl:.3g} bits over {len(ids)} positions (limit {limit:g})"
-                    + ("; not required of a post-norm model" if post else ""))]
+    checks = [Check("last-layer lens reproduces the head", kl <= limit,
+                    f"max KL {kl:.3g} bits over {len(ids)} positions (limit {limit:g})")]
 
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
@@ -100,9 +100,9 @@ def self_test(model: LoadedModel, config: RunConfig) -> list[Check]:
     checks.append(Check("learned norm scale is consistent", scale_ok, detail))
 
     with torch.no_grad(), model_precision(model.dtype):
-        _, cache = model.bridge.run_with_cache(torch.tensor([ids], device=model.device),
-                                               names_filter=lambda h: h == "blocks.0.hook_in")
-    block_in = cache["blocks.0.hook_in"][0].to(cap.resids.device)
+        hidden = model.hf_model(input_ids=torch.tensor([ids], device=model.device),
+                                output_hidden_states=True).hidden_states
+    block_in = hidden[0][0].to(cap.resids.device)
     diff = float(((cap.resids[0] - block_in).abs().max() / _rms(block_in).max().clamp_min(1e-30)))
     layer0 = "embedding + positions" if model.additive_positions else "token embedding only"
     checks.append(Check("layer 0 is block 0's input", diff <= tol,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -136,3 +137,21 @@ def test_device_map_cpu_runs_like_a_plain_cpu_run(run_lens):
     assert status == 0, err
     plain = run_lens("tests/models/tiny-llama", "--device", "cpu")[1]
     assert reproducible(mapped) == reproducible(plain) and mapped.keys() == plain.keys()
+
+
+@pytest.mark.parametrize("preset", [None, ":16:8"])
+def test_cuda_environment_is_set_at_import_unless_the_user_set_it(preset):
+    """The CUDA settings are in place before CUDA can initialise; a user's own value wins."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUBLAS_WORKSPACE_CONFIG", "PYTORCH_CUDA_ALLOC_CONF")}
+    if preset is not None:
+        env["CUBLAS_WORKSPACE_CONFIG"] = preset
+    code = ("import os, lens.model, torch; "
+            "assert not torch.cuda.is_initialized(); "
+            "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], os.environ['PYTORCH_CUDA_ALLOC_CONF'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [preset or ":4096:8", "expandable_segments:True"]

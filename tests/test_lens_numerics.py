@@ -52,9 +52,9 @@ def test_layer0_is_the_input_of_block0(tiny_models, name):
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
     with torch.no_grad():
-        _, cache = model.bridge.run_with_cache(torch.tensor([ids]),
-                                               names_filter=lambda h: h == "blocks.0.hook_in")
-    assert torch.allclose(cap.resids[0], cache["blocks.0.hook_in"][0], atol=1e-12)
+        hidden = model.hf_model(input_ids=torch.tensor([ids]),
+                                output_hidden_states=True).hidden_states
+    assert torch.allclose(cap.resids[0], hidden[0][0], atol=1e-12)
 
 
 def test_steps_carry_the_copy_window(tiny_models):

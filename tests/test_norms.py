@@ -11,7 +11,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lens.errors import LensError
-from lens.norms import NormSpec, classify_block_order, describe_norm, norm_for_layer
+from lens.norms import NormSpec, describe_norm
 
 D = 16
 TOL = {torch.float64: {"rtol": 1e-6, "atol": 1e-6}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
@@ -248,109 +248,3 @@ def test_normspec_maths_by_hand():
     bias = torch.full((4,), 0.25, dtype=torch.float64)
     ln_affine = NormSpec(kind="LayerNorm", weight=w, bias=bias, eps=0.5)(x)
     torch.testing.assert_close(ln_affine, (x - 3.0) / 2.0 * w + 0.25)
-
-
-# --------------------------------------------------------------------------- block order
-
-
-def test_classify_block_order_lists():
-    assert classify_block_order(["ln1", "attn", "ln2", "mlp"]) == "pre_norm"
-    assert classify_block_order(["attn", "ln1", "mlp", "ln2"]) == "post_norm"
-    assert classify_block_order(("ln1", "attn", "mlp")) == "pre_norm"  # parallel attn/MLP, no ln2
-
-
-@pytest.mark.parametrize("calls", [["ln1", "ln2", "mlp"], ["mlp", "ln2"], [], ["attn", "mlp"]])
-def test_classify_block_order_needs_attn_and_ln1(calls):
-    with pytest.raises(LensError, match="pre-norm from post-norm"):
-        classify_block_order(calls)
-
-
-class _Sub(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, D)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-class FakeBlock(nn.Module):
-    def __init__(self, post_norm: bool) -> None:
-        super().__init__()
-        self.post_norm = post_norm
-        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.attn, self.mlp = _Sub(), _Sub()
-
-    def forward(self, x):
-        if self.post_norm:  # BERT / original transformer
-            x = self.ln1(x + self.attn(x))
-            return self.ln2(x + self.mlp(x))
-        x = x + self.attn(self.ln1(x))  # GPT-2 / Llama
-        return x + self.mlp(self.ln2(x))
-
-
-def _recorded_order(block: nn.Module) -> list[str]:
-    """Same recording as lens/model.py's ``_block_order``."""
-    calls: list[str] = []
-    handles = [
-        getattr(block, name).register_forward_hook(lambda *_, n=name: calls.append(n))
-        for name in ("ln1", "attn", "ln2", "mlp") if hasattr(block, name)
-    ]
-    try:
-        with torch.no_grad():
-            block(torch.randn(1, 1, D))
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
-@pytest.mark.parametrize("post_norm,expected,order", [
-    (False, "pre_norm", ["ln1", "attn", "ln2", "mlp"]),
-    (True, "post_norm", ["attn", "ln1", "mlp", "ln2"]),
-])
-def test_classify_block_order_on_recorded_forward(post_norm, expected, order):
-    block = FakeBlock(post_norm)
-    calls = _recorded_order(block)
-    assert calls == order
-    assert classify_block_order(calls) == expected
-    assert not block._forward_hooks and not block.ln1._forward_hooks  # hooks removed
-
-
-# --------------------------------------------------------------------------- norm per layer
-
-
-class Tag(nn.Identity):
-    def __init__(self, tag: str) -> None:
-        super().__init__()
-        self.tag = tag
-
-
-N = 3
-LN1 = [Tag(f"ln1.{i}") for i in range(N)]
-LN2 = [Tag(f"ln2.{i}") for i in range(N)]
-LN_FINAL = Tag("ln_final")
-
-
-def _norm(layer: int, architecture: str) -> nn.Module:
-    return norm_for_layer(layer, architecture=architecture, ln1=LN1, ln2=LN2, ln_final=LN_FINAL)
-
-
-def test_norm_for_layer_pre_norm():
-    assert _norm(0, "pre_norm") is LN1[0]
-    assert _norm(1, "pre_norm") is LN1[1]
-    assert _norm(2, "pre_norm") is LN1[2]
-    assert _norm(3, "pre_norm") is LN_FINAL
-
-
-def test_norm_for_layer_post_norm():
-    assert _norm(0, "post_norm") is LN1[0]
-    for i in range(1, N + 1):
-        assert _norm(i, "post_norm") is LN2[i - 1]
-
-
-@pytest.mark.parametrize("architecture", ["pre_norm", "post_norm"])
-@pytest.mark.parametrize("layer", [-1, N + 1, 100])
-def test_norm_for_layer_out_of_range(architecture, layer):
-    with pytest.raises(ValueError):
-        _norm(layer, architecture)

@@ -51,9 +51,13 @@ def test_mis_normalised_model_fails(name, break_norm, tiny_models):
     assert verdicts["layer 0 is block 0's input"]
 
 
-def test_wrong_layer0_fails(tiny_models):
-    model = tiny_models["tiny-gpt2"]
-    broken = dataclasses.replace(model, additive_positions=False)
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_wrong_layer0_fails(name, tiny_models):
+    """Layer 0 read at the wrong place (block 1's input) is caught, and nothing else is."""
+    model = tiny_models[name]
+    blocks = model.wiring.blocks
+    wiring = dataclasses.replace(model.wiring, blocks=(blocks[1], *blocks[1:]))
+    broken = dataclasses.replace(model, wiring=wiring)
     verdicts = {c.name: c.ok for c in self_test(broken, RunConfig())}
     assert verdicts == {**dict.fromkeys(CHECKS, True), "layer 0 is block 0's input": False}
 

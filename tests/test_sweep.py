@@ -176,8 +176,8 @@ def test_crashed_workers_get_records_and_no_partial_outputs(tmp_path):
         "org/partial": WRITE + "write('output-partial-records.csv', b'half')\nsys.exit(3)",
         "org/late": WRITE + f"write('output-late.json', {json.dumps(REPORT).encode()!r})\n"
                             "os.kill(os.getpid(), signal.SIGKILL)",
-        "org/fine": f"os.write(job['result_fd'], json.dumps({{'model': job['model'], "
-                    f"'status': 'ok', 'summary': {{'n_layers': 2}}}}).encode())",
+        "org/fine": "os.write(job['result_fd'], json.dumps({'model': job['model'], "
+                    "'status': 'ok', 'summary': {'n_layers': 2}}).encode())",
     }
     status, out, err = _sweep(tmp_path, list(scripts), scripts)
     assert status == 1

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lens.unembed import Unembed, analysis_dtype, unembed_dtype
+from lens.errors import LensError
+from lens.unembed import (
+    NO_TRANSFORM,
+    HeadTransform,
+    Unembed,
+    analysis_dtype,
+    detect_head_transform,
+    unembed_dtype,
+)
 
 FAST = settings(max_examples=40, deadline=None)
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -202,3 +210,51 @@ def test_full_precision_decoding_does_not_mutate_weights(model_dtype, bias):
         assert torch.equal(head.b_U.detach(), b_before)
     W_s, _ = u.weights(CPU)
     assert not W_s.requires_grad
+
+
+# --------------------------------------------------------------------------- the model's head
+
+
+def _config(**keys):  # type: ignore[no-untyped-def]
+    return type("Config", (), keys)()
+
+
+Z = torch.linspace(-40.0, 40.0, 81, dtype=torch.float64).reshape(3, 27)
+
+
+@pytest.mark.parametrize("keys,forward,steps", [
+    ({}, lambda z: z, ()),
+    ({"final_logit_softcapping": 30.0}, lambda z: torch.tanh(z / 30.0) * 30.0,
+     (("softcap", 30.0, "final_logit_softcapping"),)),
+    ({"logit_scale": 0.0625}, lambda z: z * 0.0625, (("multiply", 0.0625, "logit_scale"),)),
+    ({"logits_scaling": 8.0}, lambda z: z / 8.0, (("divide", 8.0, "logits_scaling"),)),
+    ({"logit_scale": 4.0, "final_logit_softcapping": 10.0},
+     lambda z: torch.tanh(z / 4.0 / 10.0) * 10.0,
+     (("divide", 4.0, "logit_scale"), ("softcap", 10.0, "final_logit_softcapping"))),
+    ({"final_logit_softcapping": 30.0}, lambda z: z, ()),  # declared but not applied: the forward decides
+])
+def test_head_transform_is_what_the_forward_does(keys, forward, steps):
+    head = detect_head_transform(_config(**keys), Z, forward(Z))
+    assert head.steps == steps
+    torch.testing.assert_close(head(Z.clone()), forward(Z), rtol=1e-12, atol=1e-12)
+
+
+def test_unexplained_head_is_refused():
+    with pytest.raises(LensError, match="does not recognise.*logit_scale"):
+        detect_head_transform(_config(logit_scale=3.0), Z, Z * 0.5)
+
+
+def test_cfg_transform_keeps_the_baseline_format_without_a_transform():
+    assert NO_TRANSFORM.as_json() == {"scale": None, "softcap": None}
+    cohere = HeadTransform((("multiply", 0.0625, "logit_scale"),))
+    assert cohere.as_json() == {"scale": 16.0, "softcap": None,
+                                "applied": [["multiply", 0.0625, "logit_scale"]]}
+
+
+def test_unembed_decodes_through_the_head():
+    W = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 20
+    b = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    capped = HeadTransform((("softcap", 5.0, "final_logit_softcapping"),))
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = Unembed(W, b, dtype=torch.float64, head=capped)(x)
+    torch.testing.assert_close(got, torch.tanh((x @ W + b) / 5.0) * 5.0)

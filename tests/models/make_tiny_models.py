@@ -9,7 +9,6 @@ with GPT-2-style byte-level pieces (a leading space is ``Ġ``).
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
