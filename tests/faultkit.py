@@ -317,7 +317,9 @@ def check_interrupted(run: Run) -> None:
 
 def staging_left(out: Path) -> list[str]:
     """Staging directories (or their hidden temporary files) left in a run directory."""
-    return sorted(p.name for p in out.iterdir() if p.name.startswith(".lens-")) if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".lens-"))
 
 
 def check_case(case: Case, run: Run) -> None:

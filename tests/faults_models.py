@@ -18,7 +18,8 @@ LONG = 230
 """Characters of a long but legal directory name (NAME_MAX is 255 bytes)."""
 
 
-def broken_model(tmp: Path, *, base: str = "tiny-gpt2", config: Callable[[dict], None] | None = None,
+def broken_model(tmp: Path, *, base: str = "tiny-gpt2",
+                 config: Callable[[dict], None] | None = None,
                  weights: Callable[[dict], None] | None = None, name: str = "model") -> Path:
     """A copy of a tiny model with its config and/or weights edited."""
     target = tmp / name

@@ -1,4 +1,4 @@
-"""One owner for output names (lens.outputs) and one path for a single model's run (lens.runmodel)."""
+"""One owner for output names (lens.outputs); one path for a single model's run (lens.runmodel)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def test_only_outputs_spells_output_names():
 
 @pytest.mark.parametrize(("model_id", "name"), [
     ("org/model", "model"), ("org/model/", "model"), ("tests/models/tiny-gpt2", "tiny-gpt2"),
-    ("tests/models/tiny-gpt2/.", "tiny-gpt2"), ("./tests/models/../models/tiny-llama", "tiny-llama"),
+    ("tests/models/tiny-gpt2/.", "tiny-gpt2"),
+    ("./tests/models/../models/tiny-llama", "tiny-llama"),
     ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"),
 ])
 def test_output_name(model_id, name, monkeypatch):
