@@ -83,15 +83,22 @@ def check_long_record(run: Run) -> None:
 
 
 def long_names_unique(tmp: Path, monkeypatch: pytest.MonkeyPatch, quiet: bool) -> Run:
-    """Two long names that differ only in their last character get different file names."""
-    from lens.outputs import output_name
+    """Two long names that differ only in their last character: each gets its own record."""
+    from lens.config import RunConfig, default_probe
+    from lens.rundir import prepare_out_dir
+    from lens.runmodel import run_one
     from lens.sweep import model_list
 
-    models = ["org/" + "a" * 300 + "1", "org/" + "a" * 300 + "2"]
-    listed, _ = model_list(models, default="unused")
-    names = {output_name(m) for m in listed}
-    ok = len(names) == 2 and all(len(n.encode()) <= 255 - 40 for n in names)
-    return Run(0 if ok else 1, "", tmp / "out", tmp)
+    models, _ = model_list(["./" + "y" * 240 + "1", "./" + "y" * 240 + "2"], default="unused")
+    with prepare_out_dir(tmp / "out") as out:
+        results = [run_one(m, RunConfig(), out, default_probe(), quiet=quiet) for m in models]
+    return Run(0 if all(r.stage == "resolve" for r in results) else 1, "", tmp / "out", tmp)
+
+
+def check_two_records(run: Run) -> None:
+    records = sorted(n for n in run.files if n.endswith(".error.json"))
+    assert len(records) == 2 and all(len(n.encode()) <= 255 for n in records), records
+    assert sorted(json.loads(run.files[n])["model"][-1] for n in records) == ["1", "2"]
 
 
 def model_at_dot(tmp: Path, monkeypatch: pytest.MonkeyPatch, quiet: bool) -> Run:

@@ -140,7 +140,8 @@ LONG_NAME_CASES = [  # 3. long but legal names
          check=models.check_long_record),
     Case("long-name-in-a-sweep", lambda t: life.models_file(t, "./" + "y" * 240),
          "does not exist", check=models.check_long_record),
-    Case("long-names-stay-unique", status=0, run=models.long_names_unique),
+    Case("long-names-stay-unique", status=0, run=models.long_names_unique,
+         check=models.check_two_records),
 ]
 SIGTERM_CASES = [  # 4. SIGTERM, as batch schedulers and timeout send it
     Case("single-run-analysing", status=143, run=life.sigterm("analyse"),
