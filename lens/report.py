@@ -31,7 +31,7 @@ from lens.prism import resolve_prism
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
-from lens.writers import csv_bytes, json_bytes
+from lens.writers import csv_bytes
 
 TOPK_SLOTS = 20
 SCALE_KEYS = ("final_logit_scale", "logit_scale", "final_logits_scale")

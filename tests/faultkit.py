@@ -316,10 +316,10 @@ def check_interrupted(run: Run) -> None:
 
 
 def staging_left(out: Path) -> list[str]:
-    """Staging directories (or their hidden temporary files) left in a run directory."""
+    """Staging directories left in a run directory."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name.startswith(".lens-"))
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".lens-staging-"))
 
 
 def check_case(case: Case, run: Run) -> None:
