@@ -7,7 +7,6 @@ functions here only give the CLI's steps names a notebook can call.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,19 +51,16 @@ def write_outputs(run: ModelRun, out_dir: str | Path, *, config: RunConfig | Non
     files (``LensError``). ``config`` is the one the run used (it decides
     whether residuals are saved). Returns the written paths.
     """
-    from lens.report import output_files
+    from lens import outputs
+    from lens.commit import commit_files
     from lens.rundir import prepare_out_dir
-    from lens.worker import _commit, evaluation_stub
+    from lens.runmodel import evaluation_stub
 
     config = config or RunConfig()
     name = run.model.name
-    files = output_files(run, config)
-    files[f"evaluation-{name}.md"] = evaluation_stub(name, run.report)
-    if plots:
-        from lens.plots import plot_files
-
-        files.update(plot_files(run))
+    files = outputs.run_files(run, config, evaluation=evaluation_stub(name, run.report),
+                              plots=plots)
     path = Path(out_dir)
     with prepare_out_dir(path) as out:
-        _commit(out, files, f".lens-staging-{name}-{uuid.uuid4().hex[:12]}")
+        commit_files(out, name, files, outputs.staging_name(name))
     return [path / file for file in sorted(files)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -133,6 +134,24 @@ class RunConfig:
     def field_type(cls, name: str) -> Any:
         """The resolved annotation of field ``name`` (``Literal[...]``, ``Path | None``…)."""
         return _hints(cls)[name]
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as a JSON value (paths as strings); ``from_json`` gives this config back."""
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+                for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """The config ``to_json`` wrote (exact round trip); unknown keys are refused."""
+        hints = _hints(cls)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise LensError(f"unknown run configuration keys {', '.join(unknown)}; "
+                            "the configuration comes from another version of lens")
+        values = {k: (Path(v) if v is not None and Path in get_args(hints[k]) + (hints[k],)
+                      else v) for k, v in raw.items()}
+        return cls(**values)
 
     @property
     def multi_device(self) -> bool:

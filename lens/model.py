@@ -27,8 +27,10 @@ from torch import Tensor
 
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
-from lens.errors import LensError, first_line
+from lens import validate
+from lens.errors import LensError
 from lens.norms import NormSpec, describe_norm
+from lens.outputs import output_name
 from lens.precision import model_precision
 from lens.unembed import HeadTransform, detect_head_transform
 from lens.wiring import Architecture, Wiring, observe
@@ -82,11 +84,6 @@ class LoadedModel:
     def norm_module(self, layer: int) -> torch.nn.Module:
         """The model's own module behind ``norms[layer]`` (docs/outputs.md, Layers and lenses)."""
         return self.wiring.norm_for_layer(layer)
-
-
-def output_name(model_id: str) -> str:
-    """``<name>`` of the output files: the id after its last ``/``."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -194,7 +191,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             hf_config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
-        raise LensError(f"cannot load config/tokenizer of {model_id}: {first_line(exc)}") from exc
+        raise LensError(f"cannot load config/tokenizer of {model_id}: {validate.reason(exc)}") from exc
+    validate.check_config(model_id, hf_config)
     stage("device")
     multi = device_map is not None or (n_devices or 1) > 1
     plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
@@ -209,7 +207,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             if not multi:
                 hf_model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub
     except Exception as exc:  # noqa: BLE001
-        raise LensError(f"cannot load weights of {model_id}: {first_line(exc)}") from exc
+        raise LensError(f"cannot load weights of {model_id}: {validate.reason(exc)}") from exc
+    validate.check_loaded(model_id, tokenizer, hf_model)
     hf_model.eval()
     dev = cast(Tensor, hf_model.get_input_embeddings().weight).device if multi else plan.device
     n_layers = int(hf_config.num_hidden_layers)

@@ -1,12 +1,11 @@
 """One model, one probe: run the passes, summarise, and build the output files.
 
-``analyse`` returns everything as plain values; ``output_files`` turns them into
-canonical bytes keyed by file name. The CLI and the golden tests call both.
+``analyse`` returns everything as plain values; ``lens.outputs.run_files`` turns
+them into canonical bytes keyed by file name. The CLI and the golden tests call both.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +24,6 @@ from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Rec
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
-from lens.writers import json_bytes, pure_csv, records_csv
 
 NORM_ALIGNMENT = {"pre_norm": "using_next_ln1_then_ln_final", "post_norm": "using_same_block_ln2",
                   "sublayer_norm": "using_ln_final_no_pre_norm_in_blocks"}
@@ -231,7 +229,6 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
             lens.name: summaries.lens_summary(_pure(results, lens.name, "pos", "orig"))
             for lens in analysis.sidecar_lenses},
         "last_layer_consistency": summaries.consistency_summary(consistency),
-        "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
                                      copy_window_k=config.copy_window_k),
         "non_finite": summaries.non_finite_summary(
@@ -241,6 +238,7 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "prompt": {"type": "prompt", "context_prompt": orig.ctx.prompt,
                    "ground_truth": fact.answer},
         "diagnostics": diagnostics,
+        "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         "gold_answer": orig.ctx.gold.as_json(),
         "ablation_summary": summaries.ablation_summary(
             pure_orig, _pure(results, lens, "pos", "no_filler")),
@@ -271,29 +269,3 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
     return report
 
 
-def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
-    """File name → canonical bytes for one model's run (docs/outputs.md).
-
-    A probe with more than one fact adds the ``fact_id`` column to the CSVs and
-    writes ``output-<name>-aggregate.json``; a one-fact probe writes exactly the
-    documented one-fact files.
-    """
-    name, multi = run.model.name, run.probe.is_multi
-    files = {
-        f"output-{name}.json": json_bytes(run.report),
-        f"output-{name}-records.csv": records_csv(run.records, "norm", fact_column=multi),
-        f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm", fact_column=multi),
-    }
-    for lens in run.sidecar_lenses:
-        files[f"output-{name}-records-{lens}.csv"] = records_csv(run.records, lens,
-                                                                fact_column=multi)
-        files[f"output-{name}-pure-next-token-{lens}.csv"] = pure_csv(run.records, lens,
-                                                                     fact_column=multi)
-    if run.aggregate is not None:
-        files[f"output-{name}-aggregate.json"] = json_bytes(run.aggregate)
-    if config.keep_residuals:
-        buffer = io.BytesIO()
-        torch.save({("" if not multi else f"{p.ctx.fact_id}/") + f"{p.ctx.prompt_id}/{p.ctx.variant}":
-                    p.capture.resids.cpu() for p in run.passes if p.capture is not None}, buffer)
-        files[f"output-{name}-residuals.pt"] = buffer.getvalue()
-    return files
