@@ -26,6 +26,9 @@ from typing import Any
 
 from lens.config import RunConfig
 from lens.errors import LensError
+from lens.launch import SweepEvents
+from lens.probe import resolve_probe
+from lens.progress import SweepStatus
 from lens.rundir import RunDir
 from lens.worker import (
     STATUSES,
@@ -261,7 +264,7 @@ class Summary:
         self.models = list(models)
         n = 1
         while True:
-            suffix = "" if n == 1 else f"-{n}"
+            suffix = self.suffix = "" if n == 1 else f"-{n}"
             self.csv_name, self.md_name = f"summary{suffix}.csv", f"summary{suffix}.md"
             try:
                 if out.exists(self.md_name):
@@ -314,15 +317,16 @@ class Summary:
 # ---------------------------------------------------------------- the sweep
 
 
-def _plot_sweep(out: RunDir, models: Sequence[str]) -> None:
-    """``sweep-trajectories.png``: every finished model on normalised depth (never overwritten).
+def _plot_sweep(out: RunDir, models: Sequence[str], suffix: str = "") -> None:
+    """``sweep-trajectories.png``: every finished model on normalised depth (never overwritten;
+    ``suffix`` follows the summary's, ``-2`` for a resumed sweep).
 
     Models whose pure CSV is missing are left out; a plot never fails a sweep.
     """
     from lens.model import output_name
     from lens.plots import plot_sweep, sweep_model_from_dir
 
-    name = "sweep-trajectories.png"
+    name = f"sweep-trajectories{suffix}.png"
     names = [output_name(m) for m in models]
     names = [n for n in names if out.exists(f"output-{n}-pure-next-token.csv")]
     if not names or out.exists(name):
@@ -333,37 +337,82 @@ def _plot_sweep(out: RunDir, models: Sequence[str]) -> None:
         print(f"lens: warning: no {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+def run_locally(models: Sequence[str], config: RunConfig, out: RunDir, events: SweepEvents, *,
+                done: int, total: int, quiet: bool, probe: str, plots: bool,
+                argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv) -> bool:
+    """The local launcher: one worker process per model, one after another.
+
+    Returns whether Ctrl-C ended the sweep.
+    """
+    for model in models:
+        events.started(model)
+        result, interrupted = run_in_worker(model, config, out, index=done, total=total,
+                                            quiet=quiet, probe=probe, plots=plots, argv=argv)
+        done += 1
+        events.finished(model, result)
+        if interrupted:
+            return True
+    return False
+
+
 def run_sweep(models: Sequence[str], config: RunConfig, out: RunDir, *, quiet: bool,
               probe: str = "default", plots: bool = True,
-              argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv) -> int:
-    """Run every model in its own worker process; returns the exit status.
+              argv: Callable[[Mapping[str, Any]], list[str]] = worker_argv,
+              launcher: str = "local", ray_address: str | None = None, resume: bool = False,
+              on_started: Callable[[str, Mapping[str, Any]], None] | None = None) -> int:
+    """Run every model (``launcher``: local worker processes or Ray tasks); the exit status.
 
     0 when every model succeeded, 130 after Ctrl-C (finished models keep their
     outputs; the summary lists the interrupted and the not-run ones), else 1.
+    ``resume``: models complete in ``out`` are kept, not run (``lens.resume``).
+    ``on_started`` (Ray) is told each model and its task's ``{pid, node}``.
     """
-    summary = Summary(out, models)
+    from lens.resume import describe, resume as resume_in
+
+    if launcher == "ray":
+        from lens.launch.ray_launcher import require_ray
+
+        require_ray()
     results: dict[str, ModelResult] = {}
-    interrupted = False
-    try:
-        for index, model in enumerate(models, 1):
-            result, interrupted = run_in_worker(model, config, out, index=index,
-                                                total=len(models), quiet=quiet, probe=probe,
-                                                plots=plots, argv=argv)
-            results[model] = result
+    if resume:
+        results, moved = resume_in(out, models)
+        if not quiet:
+            print(describe(results, moved, len(models)), file=sys.stderr)
+    summary = Summary(out, models)
+    summary.write(results)
+    status = SweepStatus(len(models), done=len(results), quiet=quiet)
+
+    def finished(model: str, result: ModelResult) -> None:
+        results[model] = result
+        status.finished(model)
+        if not result.ok:
+            status.clear()
             if result.status == "interrupted":
                 print(f"lens: interrupted: {model}: {result.message}", file=sys.stderr)
-            elif not result.ok:
+            else:
                 print(f"lens: error: {model}: {result.status} at {result.stage}: {result.message}",
                       file=sys.stderr)
-            summary.write(results)
-            if interrupted:
-                break
+        summary.write(results)
+
+    events = SweepEvents(started=status.started, finished=finished)
+    todo = [m for m in models if m not in results]
+    try:
+        if launcher == "ray":
+            from lens.launch.ray_launcher import run_on_ray
+
+            interrupted = run_on_ray(todo, config, out, resolve_probe(probe), plots=plots,
+                                     address=ray_address, events=events, on_started=on_started)
+        else:
+            interrupted = run_locally(todo, config, out, events, done=len(results),
+                                      total=len(models), quiet=quiet, probe=probe, plots=plots,
+                                      argv=argv)
     except KeyboardInterrupt:  # between two models
         interrupted = True
+    status.clear()
     summary.write(results, final=True)
     n_ok = sum(r.ok for r in results.values())
     if plots and n_ok and not interrupted:
-        _plot_sweep(out, [m for m in models if m in results and results[m].ok])
+        _plot_sweep(out, [m for m in models if m in results and results[m].ok], summary.suffix)
     if not quiet:
         print(f"lens: sweep: {n_ok} of {len(models)} models ok -> {out.path / summary.md_name}")
     if interrupted:
