@@ -11,7 +11,7 @@ In one process, on the same loaded model, it measures
     every pass): norm, ``@ W_U (+ b_U)``, log-softmax, top-20, chunked at the
     same logits budget as the run (``lens.passes.CHUNK_ELEMENTS``).
 (b) the full run minus model load: ``lens.report.analyse`` (three passes, every
-    emitter, head probes, report) + ``lens.report.output_files`` + writing every
+    emitter, head probes, report) + ``lens.outputs.run_files`` + writing every
     file with ``lens.writers.write_atomic`` into a temporary directory.
 
 Floor and full run alternate (a, b, a, b, …) after one warm-up each, so that
@@ -57,8 +57,10 @@ from lens.config import Fact, RunConfig, default_probe  # noqa: E402
 from lens.embedded import EMBEDDED_ID, embedded_model_dir, is_embedded  # noqa: E402
 from lens.model import LoadedModel, capture, head_logits, load_model, tokenize  # noqa: E402
 from lens.passes import CHUNK_ELEMENTS, passes_for  # noqa: E402
-from lens.report import analyse, output_files  # noqa: E402
-from lens.worker import evaluation_stub, timings_file  # noqa: E402
+from lens.outputs import run_files as output_files  # noqa: E402
+from lens.report import analyse  # noqa: E402
+from lens.outputs import timings_file  # noqa: E402
+from lens.runmodel import evaluation_stub  # noqa: E402
 from lens.timing import StageTimer  # noqa: E402
 from lens.unembed import analysis_dtype, unembed_dtype  # noqa: E402
 from lens.writers import json_bytes, write_atomic  # noqa: E402
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         f"           + ONE batched norm-lens decode of those {rows} residuals (norm, matmul",
         f"           with W_U, log-softmax, top-{TOPK}), chunked at the run's 2^25 logits per matmul",
         "full  (b): lens.report.analyse (3 passes, every emitter, head probes, report)",
-        "           + output_files + write_atomic of every file; model load excluded",
+        "           + run_files + write_atomic of every file; model load excluded",
         "",
         f"median of {args.reps} interleaved repetitions (a, b, a, b, ...), after one warm-up each:",
         f"  floor (a)  {a['total']:8.3f} s   [{_seconds(r['total'] for r in floor_runs)}]",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lens.errors import LensError
 from lens.probe import Control, Fact, Probe, default_probe, parse_probe
@@ -73,6 +77,24 @@ class RunConfig:
             raise LensError(f"{flag} and --device {self.device} are mutually exclusive: "
                             f"{flag} places the model itself; drop --device")
         self.device_map_value()
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as a JSON value (paths as strings); ``from_json`` gives this config back."""
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """The config ``to_json`` wrote (exact round trip); unknown keys are refused."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise LensError(f"unknown run configuration keys {', '.join(unknown)}; "
+                            "the configuration comes from another version of lens")
+        values = {k: (Path(v) if v is not None and Path in typing.get_args(hints[k]) + (hints[k],)
+                      else v) for k, v in raw.items()}
+        return cls(**values)
 
     @property
     def multi_device(self) -> bool:

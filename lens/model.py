@@ -26,6 +26,7 @@ from torch import Tensor
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
 from lens.errors import LensError
+from lens.outputs import output_name
 from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
 from lens.precision import model_precision
 
@@ -66,11 +67,6 @@ class LoadedModel:
     @property
     def b_U(self) -> Tensor | None:
         return getattr(self.bridge, "b_U", None)
-
-
-def output_name(model_id: str) -> str:
-    """``<name>`` of the output files: the id after its last ``/``."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -281,9 +281,11 @@ def sweep_model_from_dir(out_dir: str | Path, name: str) -> SweepModel:
     """Read a model's written outputs (``output-<name>.json`` and its pure CSV) back for a sweep."""
     import json
 
+    from lens.outputs import pure_file, report_file
+
     out_dir = Path(out_dir)
-    report = json.loads((out_dir / f"output-{name}.json").read_text(encoding="utf-8"))
-    header, *rows = read_csv_rows((out_dir / f"output-{name}-pure-next-token.csv").read_bytes())
+    report = json.loads((out_dir / report_file(name)).read_text(encoding="utf-8"))
+    header, *rows = read_csv_rows((out_dir / pure_file(name)).read_bytes())
     return SweepModel(name=name, n_layers=int(report["model_stats"]["num_layers"]),
                       pure=[dict(zip(header, row, strict=True)) for row in rows])
 
@@ -326,6 +328,8 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
 
 def plot_files(run: Any) -> dict[str, bytes]:
     """File name → PNG bytes for one model's run (``lens.report.ModelRun``)."""
+    from lens.outputs import heatmap_file, trajectories_file
+
     name, n_layers = run.model.name, run.model.n_layers
     multi = run.probe.is_multi
     files: dict[str, bytes] = {}
@@ -334,12 +338,11 @@ def plot_files(run: Any) -> dict[str, bytes]:
         recs = [r for p in fact_run.passes for r in p.records
                 if isinstance(r, PositionRecord) and r.lens == "norm"
                 and (r.prompt_id, r.variant) == ("pos", "orig")]
-        file = f"output-{name}-heatmap-{fid}.png" if multi else f"output-{name}-heatmap.png"
-        files[file] = plot_heatmap(
+        files[heatmap_file(name, fid if multi else None)] = plot_heatmap(
             recs, n_layers=n_layers,
             title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)")
     pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
-    files[f"output-{name}-trajectories.png"] = plot_trajectories(
+    files[trajectories_file(name)] = plot_trajectories(
         pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed)")
     return files

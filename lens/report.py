@@ -1,12 +1,11 @@
 """One model, one probe: run the passes, summarise, and build the output files.
 
-``analyse`` returns everything as plain values; ``output_files`` turns them into
-canonical bytes keyed by file name. The CLI and the golden tests call both.
+``analyse`` returns everything as plain values; ``lens.outputs.run_files`` turns
+them into canonical bytes keyed by file name. The CLI and the golden tests call both.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -249,7 +248,6 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "gold_alignment": orig.ctx.gold.status,
         "prism_summary": dict(analysis.prism_summary),
         "last_layer_consistency": summaries.consistency_summary(consistency),
-        "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
                                      copy_window_k=config.copy_window_k),
         "non_finite": summaries.non_finite_summary(
@@ -259,6 +257,7 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "prompt": {"type": "prompt", "context_prompt": orig.ctx.prompt,
                    "ground_truth": fact.answer},
         "diagnostics": diagnostics,
+        "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         "gold_answer": orig.ctx.gold.as_json(),
         "ablation_summary": summaries.ablation_summary(
             pure_orig, _pure(results, lens, "pos", "no_filler")),
@@ -312,31 +311,3 @@ def pure_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False)
              *(getattr(r, f) for f in PURE_EXTRA)]
             for r in records if isinstance(r, NextTokenRecord) and r.lens == lens]
     return csv_bytes((*lead, *PURE_HEADER), rows)
-
-
-def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
-    """File name → canonical bytes for one model's run (SPEC §8).
-
-    A probe with more than one fact adds the ``fact_id`` column to the CSVs and
-    writes ``output-<name>-aggregate.json``; a one-fact probe writes exactly the
-    SPEC files.
-    """
-    name, multi = run.model.name, run.probe.is_multi
-    files = {
-        f"output-{name}.json": json_bytes(run.report),
-        f"output-{name}-records.csv": records_csv(run.records, "norm", fact_column=multi),
-        f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm", fact_column=multi),
-    }
-    if any(r.lens == "prism" for r in run.records):
-        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism",
-                                                                fact_column=multi)
-        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism",
-                                                                     fact_column=multi)
-    if run.aggregate is not None:
-        files[f"output-{name}-aggregate.json"] = json_bytes(run.aggregate)
-    if config.keep_residuals:
-        buffer = io.BytesIO()
-        torch.save({("" if not multi else f"{p.ctx.fact_id}/") + f"{p.ctx.prompt_id}/{p.ctx.variant}":
-                    p.capture.resids.cpu() for p in run.passes if p.capture is not None}, buffer)
-        files[f"output-{name}-residuals.pt"] = buffer.getvalue()
-    return files

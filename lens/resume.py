@@ -9,8 +9,7 @@ and every pass (and position) has exactly one row per layer ``0 … n_layers``.
 Every other model runs again. Lens never overwrites or deletes a result, so
 what a model left behind — its old failure record, or outputs that failed the
 check — is first moved, under its own name, into ``superseded/<n>/`` (``n`` the
-first free number; one folder per resume). Private staging folders of those
-models (left by a killed sweep) are removed: they never were outputs.
+first free number; one folder per resume).
 """
 
 from __future__ import annotations
@@ -18,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lens import outputs
+from lens.commit import recover
 from lens.errors import LensError
+from lens.results import ModelResult, summary_fields
 from lens.rundir import RunDir, _move_no_replace
-from lens.worker import ModelResult, error_file_name, output_file_names, summary_fields, timings_file
 from lens.writers import read_csv_rows
 
 SUPERSEDED = "superseded"
@@ -54,24 +56,20 @@ def csv_complete(data: bytes, n_layers: int) -> bool:
 
 def complete_result(out: RunDir, model: str) -> ModelResult | None:
     """The ``ok`` result of a model whose outputs in ``out`` are complete, else None."""
-    from lens.model import output_name
-
-    name = output_name(model)
-    names = output_file_names(name)
-    report_name = names[-1]
+    name = outputs.output_name(model)
     try:
-        report = json.loads(out.read(report_name))
+        report = json.loads(out.read(outputs.report_file(name)))
         if report["diagnostics"]["model"] != model:
             return None
         n_layers = int(report["model_stats"]["num_layers"])
         summary = summary_fields(report)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    csvs = [n for n in names if n.endswith(".csv")]
-    for required in csvs[:2]:  # the per-position and pure next-token CSVs of the primary lens
-        if not out.exists(required):
-            return None
-    for csv_name in csvs:
+    if not (out.exists(outputs.records_file(name)) and out.exists(outputs.pure_file(name))):
+        return None
+    for csv_name in outputs.run_file_names(name):
+        if not csv_name.endswith(".csv"):
+            continue
         if out.exists(csv_name) and not csv_complete(out.read(csv_name), n_layers):
             return None
     return ModelResult(model=model, status="ok", summary=summary, seconds=_seconds(out, name))
@@ -79,8 +77,15 @@ def complete_result(out: RunDir, model: str) -> ModelResult | None:
 
 def _seconds(out: RunDir, name: str) -> float | None:
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return float(json.loads(out.read(timings_file(name)))["total"])
+        return float(json.loads(out.read(outputs.timings_file(name)))["total"])
     return None
+
+
+def _fact_ids(out: RunDir, name: str) -> list[str]:
+    """The facts of a multi-fact run whose report is there (they name its heatmaps)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return list(json.loads(out.read(outputs.report_file(name)))["probe"]["fact_ids"])
+    return []
 
 
 def _superseded_folder(out: RunDir) -> RunDir:
@@ -98,17 +103,14 @@ def _superseded_folder(out: RunDir) -> RunDir:
 
 def set_aside(out: RunDir, models: Sequence[str]) -> list[str]:
     """Move what ``models`` left in ``out`` into ``superseded/<n>/``; returns the names moved."""
-    from lens.model import output_name
-
     moved: list[str] = []
     folder: RunDir | None = None
     try:
         for model in models:
-            name = output_name(model)
-            for entry in out.names():
-                if entry.startswith(f".lens-staging-{name}-") and len(entry) == 27 + len(name):
-                    out.remove_tree(entry)
-            for file in (*output_file_names(name), error_file_name(name)):
+            name = outputs.output_name(model)
+            files = (*outputs.run_file_names(name, fact_ids=_fact_ids(out, name)),
+                     outputs.error_file(name))
+            for file in files:
                 if not out.exists(file):
                     continue
                 folder = folder or _superseded_folder(out)
@@ -141,9 +143,16 @@ def _summary_number(file: str) -> int:
 
 
 def resume(out: RunDir, models: Sequence[str]) -> tuple[dict[str, ModelResult], list[str]]:
-    """The models already complete in ``out`` (as results) and the earlier files moved aside."""
+    """The models already complete in ``out`` (as results) and the earlier files moved aside.
+
+    A model's staging folders left by a killed sweep are recovered first
+    (``lens.commit.recover``: a commit cut short is completed, an unfinished run removed).
+    """
     done: dict[str, ModelResult] = {}
     for model in models:
+        name = outputs.output_name(model)
+        for note in recover(out, name):
+            print(f"lens: {name}: {note}", file=sys.stderr, flush=True)
         result = complete_result(out, model)
         if result is not None:
             done[model] = result

@@ -2,8 +2,9 @@
 
 One model named on the command line runs in this process. Several models, a
 ``--models-file`` or a ``--preset`` make a sweep (``lens.sweep``): each model in
-its own worker process (``lens.worker``), a failure record for each failing one,
-and a summary.
+its own process (``lens.launch.local``) or Ray task (``--launcher ray``,
+``lens.launch.ray_launcher``), a failure record for each failing one, and a
+summary. ``--resume DIR`` finishes a sweep (``lens.resume``).
 """
 
 from __future__ import annotations
@@ -151,44 +152,54 @@ def resume_main(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0: every model succeeded, 130: interrupted)."""
-    from lens.embedded import EMBEDDED_ID
-    from lens.progress import Progress
-    from lens.rundir import prepare_out_dir, rotate_latest
-    from lens.sweep import model_list, run_sweep
-    from lens.worker import run_one
+    """Entry point; returns the exit status (0: every model succeeded, 1: some failed,
+    130: Ctrl-C, 143: SIGTERM)."""
+    from lens.chatter import libraries_quiet
+    from lens.interrupts import exit_status, handled
 
     args = build_parser().parse_args(argv)
     try:
-        config = config_from(args)
-        if args.resume is not None:
-            return resume_main(args, config)
-        models, sweep = model_list(args.models, models_file=args.models_file, preset=args.preset,
-                                   default=EMBEDDED_ID)
-        if args.self_test:
-            return self_test_main(models, config, quiet=args.quiet)
-        probe = resolve_probe(args.probe)
-        if args.launcher == "ray":
-            from lens.launch.ray_launcher import require_ray
-
-            require_ray()
-        with prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root) as out:
-            if sweep or args.launcher == "ray":
-                return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
-                                 plots=not args.no_plots, launcher=args.launcher,
-                                 ray_address=args.ray_address)
-            result = run_one(models[0], config, out, probe, quiet=args.quiet,
-                             plots=not args.no_plots,
-                             progress=Progress(quiet=args.quiet, prefix=models[0]))
+        with handled(), libraries_quiet(args.quiet):
+            return _run(args)
     except LensError as exc:
         print(f"lens: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("lens: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lens.embedded import EMBEDDED_ID
+    from lens.interrupts import exit_status
+    from lens.progress import Progress
+    from lens.rundir import prepare_out_dir, rotate_latest
+    from lens.runmodel import run_one
+    from lens.sweep import model_list, run_sweep
+
+    config = config_from(args)
+    if args.resume is not None:
+        return resume_main(args, config)
+    models, sweep = model_list(args.models, models_file=args.models_file, preset=args.preset,
+                               default=EMBEDDED_ID)
+    if args.self_test:
+        return self_test_main(models, config, quiet=args.quiet)
+    probe = resolve_probe(args.probe)
+    if args.launcher == "ray":
+        from lens.launch.ray_launcher import require_ray
+
+        require_ray()
+    with prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root) as out:
+        if sweep or args.launcher == "ray":
+            return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
+                             plots=not args.no_plots, launcher=args.launcher,
+                             ray_address=args.ray_address)
+        result = run_one(models[0], config, out, probe, quiet=args.quiet,
+                         plots=not args.no_plots,
+                         progress=Progress(quiet=args.quiet, prefix=models[0]))
     if result.status == "interrupted":
         print("lens: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(result.error_class)
     if not result.ok:
         print(f"lens: error: {result.message}", file=sys.stderr)
         return 1

@@ -117,19 +117,39 @@ class RunDir:
     def commit(self, staging: RunDir, names: Iterable[str]) -> None:
         """Move ``names`` from ``staging`` into this directory, all or none.
 
+        A name counts as moved from the moment its move starts, so an interrupt
+        (Ctrl-C, SIGTERM) at any point, even inside a move, rolls back every
+        file of ours; a file here that is not ours (the move found it in place)
+        is never touched.
+
         Raises:
             FileExistsError: One of the names exists here; nothing was moved.
         """
-        moved: list[str] = []
+        started: list[str] = []
         try:
             for name in names:
-                _move_no_replace(staging.fd, name, self.fd, name)
-                moved.append(name)
+                started.append(name)
+                try:
+                    _move_no_replace(staging.fd, name, self.fd, name)
+                except FileExistsError:
+                    started.pop()
+                    raise
         except BaseException:
-            for name in moved:
-                with contextlib.suppress(OSError):
-                    _move_no_replace(self.fd, name, staging.fd, name)
+            for name in started:
+                self._take_back(staging, name)
             raise
+
+    def _take_back(self, staging: RunDir, name: str) -> None:
+        """Undo a move of ``name`` that may have completed, half-completed or not started."""
+        with contextlib.suppress(OSError):
+            try:
+                src = os.stat(name, dir_fd=staging.fd, follow_symlinks=False)
+            except FileNotFoundError:  # moved: take it back
+                _move_no_replace(self.fd, name, staging.fd, name)
+                return
+            dst = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if (src.st_dev, src.st_ino) == (dst.st_dev, dst.st_ino):  # linked, not yet unlinked
+                os.unlink(name, dir_fd=self.fd)
 
     def remove_tree(self, name: str) -> None:
         """Delete the private directory ``name`` (staging) and everything in it."""

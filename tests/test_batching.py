@@ -13,7 +13,8 @@ from lens.emitters import NextTokenRecord, PositionRecord
 from lens.model import capture, capture_batch, load_model, tokenize
 from lens.passes import passes_for
 from lens.probe import default_probe, load_probe
-from lens.report import analyse, build_analysis, output_files
+from lens.outputs import run_files as output_files
+from lens.report import analyse, build_analysis
 from lens.testing import REPO, TINY_MODELS
 from lens.writers import read_csv_rows
 

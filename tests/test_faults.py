@@ -223,7 +223,8 @@ def _interrupted_sweep(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
     """Ctrl-C while the second model of a sweep runs: the first keeps its outputs, exit 130."""
     from lens.config import RunConfig
     from lens.rundir import prepare_out_dir
-    from lens.sweep import run_sweep, worker_argv
+    from lens.launch.local import child_argv
+    from lens.sweep import run_sweep
 
     def ctrl_c(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -232,7 +233,7 @@ def _interrupted_sweep(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
         if job["model"] == "org/slow":
             signal.setitimer(signal.ITIMER_REAL, 1.0)
             return [sys.executable, "-c", "import time; time.sleep(60)"]
-        return worker_argv(job)
+        return child_argv(job)
 
     monkeypatch.chdir(REPO)
     previous = signal.signal(signal.SIGALRM, ctrl_c)

@@ -22,14 +22,15 @@ from lens.probe import (
     parse_probe,
     resolve_probe,
 )
-from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
+from lens.outputs import run_files as output_files
+from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse
 from lens.run import main
-from lens.worker import FactProgress
+from lens.runmodel import FactProgress
 from lens.writers import read_csv_rows
 
 TESTS = Path(__file__).resolve().parent
 TINY_PROBE = TESTS / "probes" / "tiny-multi.yaml"
-SPEC_KEYS = ["prompt", "diagnostics", "gold_answer", "ablation_summary", "control_prompt",
+SPEC_KEYS = ["prompt", "diagnostics", "raw_lens_check", "gold_answer", "ablation_summary", "control_prompt",
              "control_summary", "final_prediction", "test_prompts", "temperature_exploration",
              "model_stats"]
 

@@ -20,11 +20,11 @@ DIAGNOSTIC_KEYS = {
     "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
     "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
     "target_prediction", "gold_alignment", "prism_summary", "last_layer_consistency",
-    "raw_lens_check", "L_copy", "L_copy_H", "L_semantic", "delta_layers", "copy_thresh",
+    "L_copy", "L_copy_H", "L_semantic", "delta_layers", "copy_thresh",
     "copy_window_k", "copy_match_level", "first_kl_below_0.5", "first_kl_below_1.0",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
 }
-TOP_KEYS = {"prompt", "diagnostics", "gold_answer", "ablation_summary", "control_prompt",
+TOP_KEYS = {"prompt", "diagnostics", "raw_lens_check", "gold_answer", "ablation_summary", "control_prompt",
             "control_summary", "final_prediction", "test_prompts", "temperature_exploration",
             "model_stats"}
 CONSISTENCY_KEYS = {"kl_to_final_bits", "top1_agree", "p_top1_lens", "p_top1_model",
@@ -42,6 +42,8 @@ def check_outputs(files: dict[str, bytes], name: str) -> dict:
     assert TOP_KEYS <= report.keys()
     diag = report["diagnostics"]
     assert DIAGNOSTIC_KEYS <= diag.keys()
+    assert "raw_lens_check" not in diag  # top level (SPEC §6)
+    assert {"mode", "samples", "summary"} <= report["raw_lens_check"].keys()
     assert CONSISTENCY_KEYS <= diag["last_layer_consistency"].keys()
     assert len(report["test_prompts"]) == 14
     n_layers = report["model_stats"]["num_layers"]

@@ -18,8 +18,9 @@ from lens.config import RunConfig, default_probe
 from lens.errors import LensError
 from lens.rundir import RunDir
 from lens.run import main
-from lens.sweep import PRESETS, SUMMARY_COLUMNS, model_list, read_models_file, run_sweep, worker_argv
-from lens.worker import run_one
+from lens.launch.local import child_argv as worker_argv
+from lens.runmodel import run_one
+from lens.sweep import PRESETS, SUMMARY_COLUMNS, model_list, read_models_file, run_sweep
 from lens.testing import REPO, reproducible
 from lens.writers import read_csv_rows
 
@@ -116,7 +117,7 @@ def test_sweep_survives_a_bad_model(run_lens, tmp_path, monkeypatch, capsys):
         report = json.loads(files[f"output-{name}.json"])
         diag = report["diagnostics"]
         assert row["n_layers"] == "4" == str(report["model_stats"]["num_layers"])
-        assert row["lens_artifact_risk"] == diag["raw_lens_check"]["summary"]["lens_artifact_risk"]
+        assert row["lens_artifact_risk"] == report["raw_lens_check"]["summary"]["lens_artifact_risk"]
         assert row["first_kl_below_1.0"] == str(diag["first_kl_below_1.0"])
         assert float(row["last_layer_kl_bits"]) == pytest.approx(
             diag["last_layer_consistency"]["kl_to_final_bits"], abs=1e-9)
@@ -262,12 +263,12 @@ def test_interrupted_model_leaves_only_its_record(tmp_path, monkeypatch):
 
 
 def test_a_bug_during_analysis_is_recorded_with_its_traceback(tmp_path, monkeypatch):
-    import lens.report
+    import lens.outputs
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(lens.report, "output_files", broken)
+    monkeypatch.setattr(lens.outputs, "run_files", broken)
     monkeypatch.chdir(REPO)
     with RunDir.open(tmp_path) as run:
         result = run_one("tests/models/tiny-gpt2", RunConfig(), run, default_probe(), quiet=True)
@@ -291,9 +292,10 @@ def test_model_that_fits_nowhere_is_skipped(tmp_path, monkeypatch):
 
 
 def test_worker_gets_the_exact_config():
-    from lens.worker import config_from_json, config_to_json
-
     config = RunConfig(copy_threshold=0.1 + 0.2, copy_margin=1 / 3, copy_window_k=3, raw_lens="full",
                        fp32_unembed=True, keep_residuals=True, prism="off",
                        prism_dir=Path("/x/prisms"), device_map='{"": "cpu"}', dtype="float64")
-    assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
+    assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert RunConfig.from_json(RunConfig().to_json()) == RunConfig()
+    with pytest.raises(LensError, match="unknown run configuration keys frobnicate"):
+        RunConfig.from_json({**config.to_json(), "frobnicate": 1})

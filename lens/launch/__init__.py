@@ -1,4 +1,5 @@
-"""Launchers: where the models of a sweep run (worker processes here, or Ray tasks).
+"""Launchers: where a sweep's models run: ``local`` (each in a fresh local process, one
+after another) or ``ray`` (each a Ray task, concurrently).
 
 A launcher runs models and reports through ``SweepEvents``; the sweep
 (``lens.sweep``) owns the summary, the progress line and the exit status, so
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lens.worker import ModelResult
+    from lens.results import ModelResult
 
 LAUNCHERS = ("local", "ray")
 

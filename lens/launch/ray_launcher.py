@@ -41,12 +41,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lens import outputs
 from lens.config import Probe, RunConfig
 from lens.errors import LensError
 from lens.launch import SweepEvents
 from lens.launch.ray_resources import GiB, local_param_estimate, task_request, unplaceable
+from lens.results import ModelResult, interrupted
 from lens.rundir import RunDir
-from lens.worker import ModelResult
+from lens.runmodel import Produced
 
 CANCEL_GRACE = 10.0
 """Seconds running tasks get after Ctrl-C to stop and report before they are killed."""
@@ -113,50 +115,20 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- the task (runs on a Ray worker)
 
 
-def produce_files(model: str, config: RunConfig, probe: Probe, *,
-                  plots: bool) -> tuple[ModelResult, dict[str, bytes]]:
-    """Run one model without touching the driver's directory: its result and its files' bytes."""
-    import tempfile
+def prepare(out: RunDir, model: str, probe: Probe) -> ModelResult | None:
+    """Before a model is submitted, as ``run_one`` does: finish or remove what a killed run
+    left (one stderr line each), and refuse a model whose files are in ``out`` already."""
+    from lens.commit import OutputExists, exists_message, recover
+    from lens.runmodel import clash
 
-    from lens.worker import run_one
-
-    with tempfile.TemporaryDirectory(prefix="lens-task-") as tmp, RunDir.open(Path(tmp)) as scratch:
-        result = run_one(model, config, scratch, probe, quiet=True, plots=plots)
-        files = {n: scratch.read(n) for n in scratch.names()} if result.ok else {}
-    return result, files
-
-
-def deliver_files(out: RunDir, model: str, result: ModelResult,
-                  files: Mapping[str, bytes]) -> ModelResult:
-    """On the driver: commit a finished model's files all at once, or write its failure record."""
-    from lens.model import output_name
-    from lens.worker import _commit, write_error_record
-
-    name = output_name(model)
-    if result.ok:
-        try:
-            _commit(out, files, f".lens-staging-{name}-{os.urandom(6).hex()}")
-            return result
-        except LensError as exc:
-            result = ModelResult(model=model, status="failed", stage="write",
-                                 error_class=type(exc).__name__, message=str(exc))
-    if result.error_class != "OutputExists":
-        write_error_record(out, name, result)
-    return result
-
-
-def clash(out: RunDir, model: str) -> ModelResult | None:
-    """A model whose files are in ``out`` already is refused before it runs (never overwritten)."""
-    from lens.model import output_name
-    from lens.worker import OutputExists, _exists, error_file_name, output_file_names
-
-    name = output_name(model)
-    found = next((n for n in (*output_file_names(name), error_file_name(name)) if out.exists(n)),
-                 None)
-    if found is None:
+    name = outputs.output_name(model)
+    for note in recover(out, name):
+        print(f"lens: {name}: {note}", file=sys.stderr, flush=True)
+    existing = clash(out, name, probe)
+    if existing is None:
         return None
-    return ModelResult(model=model, status="failed", stage="resolve",
-                       error_class=OutputExists.__name__, message=_exists(out, found))
+    return ModelResult(model=model, status="failed", stage="write",
+                       error_class=OutputExists.__name__, message=exists_message(out, existing))
 
 
 def model_task(job: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -167,13 +139,15 @@ def model_task(job: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """
     import ray
 
+    from lens.runmodel import produce
+
     yield {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
     start = time.monotonic()
     here = job["cwd"] if os.path.isdir(job["cwd"]) else os.getcwd()
     with contextlib.chdir(here):
-        result, files = produce_files(job["model"], job["config"], job["probe"], plots=job["plots"])
-    yield {"result": result.to_json(), "files": files,
-           "seconds": round(time.monotonic() - start, 2)}
+        produced = produce(job["model"], RunConfig.from_json(job["config"]), job["probe"],
+                           quiet=True, plots=job["plots"])
+    yield {"produced": produced, "seconds": round(time.monotonic() - start, 2)}
 
 
 def gpu_memory() -> float:
@@ -186,15 +160,14 @@ def gpu_memory() -> float:
 # ---------------------------------------------------------------- the driver
 
 
-def failure(model: str, exc: BaseException, *, interrupted: bool) -> ModelResult:
+def failure(model: str, exc: BaseException, *, cancelled: bool) -> ModelResult:
     """The result of a task that Ray reports as failed: stage ``crash`` and Ray's error class."""
     cls = type(exc).__name__
     why = next((text for name, text in _SYSTEM_FAILURES.items() if name == cls),
                "its Ray task failed")
     message = f"{why}: {_first_line(exc)}"
-    if interrupted:
-        return ModelResult(model=model, status="interrupted", stage="interrupted",
-                           error_class=cls, message=f"interrupted (Ctrl-C); {message}")
+    if cancelled:
+        return interrupted(model, f"interrupted; {message}", error_class=cls)
     return ModelResult(model=model, status="failed", stage="crash", error_class=cls,
                        message=message)
 
@@ -208,16 +181,24 @@ class _Task:
 class RaySweep:
     """Submits every model, delivers each result as it arrives, cancels on Ctrl-C."""
 
-    def __init__(self, ray: Any, out: RunDir, events: SweepEvents,
+    def __init__(self, ray: Any, out: RunDir, events: SweepEvents, *, quiet: bool,
                  on_started: Callable[[str, Mapping[str, Any]], None] | None) -> None:
         self.ray = ray
         self.out = out
         self.events = events
+        self.quiet = quiet
         self.on_started = on_started
         self.tasks: dict[Any, _Task] = {}
 
-    def deliver(self, model: str, result: ModelResult, files: Mapping[str, bytes]) -> ModelResult:
-        return deliver_files(self.out, model, result, files)
+    def deliver(self, produced: Produced) -> ModelResult:
+        """Write a model's files or its failure record into the run directory (``runmodel``)."""
+        from lens.runmodel import deliver
+
+        return deliver(self.out, produced, quiet=self.quiet)
+
+    def fail(self, result: ModelResult) -> None:
+        produced = Produced(name=outputs.output_name(result.model), result=result)
+        self.events.finished(result.model, self.deliver(produced))
 
     def submit(self, models: Sequence[str], config: RunConfig, probe: Probe, *, plots: bool) -> None:
         ray = self.ray
@@ -225,7 +206,7 @@ class RaySweep:
         gpu_bytes = self._gpu_bytes()
         nodes = ray.nodes()
         for model in models:
-            refused = clash(self.out, model)
+            refused = prepare(self.out, model, probe)
             if refused:
                 self.events.finished(model, refused)
                 continue
@@ -233,11 +214,11 @@ class RaySweep:
                                    gpu_bytes=gpu_bytes)
             why = unplaceable(request, nodes)
             if why:
-                skipped = ModelResult(model=model, status="skipped", stage="device",
-                                      error_class="DeviceError", message=f"{model}: {why}")
-                self.events.finished(model, self.deliver(model, skipped, {}))
+                self.fail(ModelResult(model=model, status="skipped", stage="device",
+                                      error_class="DeviceError", message=f"{model}: {why}"))
                 continue
-            job = {"model": model, "config": request.config, "probe": probe, "plots": plots,
+            job = {"model": model, "config": request.config.to_json(), "probe": probe,
+                   "plots": plots,
                    "cwd": os.getcwd()}
             self.tasks[remote.options(**request.options()).remote(job)] = _Task(model)
 
@@ -263,8 +244,7 @@ class RaySweep:
         except Exception as exc:  # noqa: BLE001 - Ray's errors: crash, OOM, node lost, cancel
             if cancelled and not task.started:
                 return True  # never ran: not_run, no record
-            result = failure(task.model, exc, interrupted=cancelled)
-            self.events.finished(task.model, self.deliver(task.model, result, {}))
+            self.fail(failure(task.model, exc, cancelled=cancelled))
             return True
         if not task.started:
             task.started = True
@@ -272,22 +252,21 @@ class RaySweep:
             if self.on_started is not None:
                 self.on_started(task.model, item)
             return False
-        result = ModelResult.from_json(item["result"])
-        result = self.deliver(task.model, result, item["files"])
+        result = self.deliver(item["produced"])
         self.events.finished(task.model, dataclasses.replace(result, seconds=item["seconds"]))
         return True
 
-    def collect(self) -> bool:
-        """Deliver results as they come; returns whether Ctrl-C ended the sweep."""
+    def collect(self) -> KeyboardInterrupt | None:
+        """Deliver results as they come; the Ctrl-C or SIGTERM that ended the sweep, if any."""
         pending = list(self.tasks)
         try:
             while pending:
                 ready, pending = self.ray.wait(pending, num_returns=1)
                 pending += [gen for gen in ready if not self.step(gen, cancelled=False)]
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.cancel(pending)
-            return True
-        return False
+            return exc
+        return None
 
     def cancel(self, pending: list[Any]) -> None:
         """Ctrl-C: cancel every task, keep what finishes within the grace, kill the rest."""
@@ -304,27 +283,25 @@ class RaySweep:
             with contextlib.suppress(Exception):
                 self.ray.cancel(gen, force=True)
             if task.started:
-                result = ModelResult(
-                    model=task.model, status="interrupted", stage="interrupted",
-                    error_class="TaskCancelledError",
-                    message=f"interrupted (Ctrl-C); its Ray task did not stop within "
-                            f"{CANCEL_GRACE:g}s and was killed")
-                self.events.finished(task.model, self.deliver(task.model, result, {}))
+                self.fail(interrupted(task.model, f"interrupted; its Ray task did not stop "
+                                                  f"within {CANCEL_GRACE:g}s and was killed",
+                                      error_class="TaskCancelledError"))
 
 
 def run_on_ray(models: Sequence[str], config: RunConfig, out: RunDir, probe: Probe, *,
-               plots: bool, address: str | None, events: SweepEvents,
-               on_started: Callable[[str, Mapping[str, Any]], None] | None = None) -> bool:
-    """Run ``models`` as Ray tasks; returns whether Ctrl-C ended the sweep.
+               plots: bool, quiet: bool, address: str | None, events: SweepEvents,
+               on_started: Callable[[str, Mapping[str, Any]], None] | None = None,
+               ) -> KeyboardInterrupt | None:
+    """Run ``models`` as Ray tasks; the Ctrl-C or SIGTERM that ended the sweep, if any.
 
     ``on_started`` is told
     the model and ``{pid, node}`` of its task when it starts.
     """
     with connected(address) as ray:
-        sweep = RaySweep(ray, out, events, on_started)
+        sweep = RaySweep(ray, out, events, quiet=quiet, on_started=on_started)
         try:
             sweep.submit(models, config, probe, plots=plots)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             sweep.cancel(list(sweep.tasks))
-            return True
+            return exc
         return sweep.collect()
