@@ -48,7 +48,7 @@ from lens.launch import SweepEvents
 from lens.launch.ray_resources import GiB, local_param_estimate, task_request, unplaceable
 from lens.results import ModelResult, interrupted
 from lens.rundir import RunDir
-from lens.runmodel import Produced
+from lens.runmodel import Produced, first_line
 
 CANCEL_GRACE = 10.0
 """Seconds running tasks get after Ctrl-C to stop and report before they are killed."""
@@ -99,20 +99,12 @@ def connected(address: str | None) -> Iterator[Any]:
         ray.init(**options)
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for the user
         where = f"the Ray cluster at {joining}" if joining else "a local Ray instance"
-        raise LensError(f"cannot connect to {where}: {_first_line(exc)}; start the cluster "
+        raise LensError(f"cannot connect to {where}: {first_line(exc)}; start the cluster "
                         "(ray start --head) or check --ray-address / RAY_ADDRESS") from exc
     try:
         yield ray
     finally:
         ray.shutdown()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-# ---------------------------------------------------------------- the task (runs on a Ray worker)
 
 
 def prepare(out: RunDir, model: str, probe: Probe) -> ModelResult | None:
@@ -129,6 +121,9 @@ def prepare(out: RunDir, model: str, probe: Probe) -> ModelResult | None:
         return None
     return ModelResult(model=model, status="failed", stage="write",
                        error_class=OutputExists.__name__, message=exists_message(out, existing))
+
+
+# ---------------------------------------------------------------- the task (runs on a Ray worker)
 
 
 def model_task(job: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -165,7 +160,7 @@ def failure(model: str, exc: BaseException, *, cancelled: bool) -> ModelResult:
     cls = type(exc).__name__
     why = next((text for name, text in _SYSTEM_FAILURES.items() if name == cls),
                "its Ray task failed")
-    message = f"{why}: {_first_line(exc)}"
+    message = f"{why}: {first_line(exc)}"
     if cancelled:
         return interrupted(model, f"interrupted; {message}", error_class=cls)
     return ModelResult(model=model, status="failed", stage="crash", error_class=cls,
