@@ -64,7 +64,7 @@ def _sweep(out: Path, models: list[str], *, resume: bool = False, on_started=Non
     out.mkdir(exist_ok=True)
     err = io.StringIO()
     with RunDir.open(out) as run, contextlib.redirect_stderr(err):
-        status = run_sweep(models, RunConfig(), run, quiet=True, launcher="ray", resume=resume,
+        status = run_sweep(models, RunConfig(), run, quiet=False, launcher="ray", resume=resume,
                            on_started=on_started)
     return status, err.getvalue()
 
@@ -113,6 +113,9 @@ def test_a_task_killed_mid_run_gets_its_record_and_the_others_complete(offline, 
     assert [r["status"] for r in _summary(tmp_path / "out")] == ["ok", "failed"]
     assert "WorkerCrashedError" in files["summary.md"].decode()
     assert f"lens: error: {TINY[1]}: failed at crash" in err
+    progress = [line for line in err.splitlines() if line.startswith("lens: [")]
+    assert progress[0].startswith("lens: [0/2] running: tests/models/tiny-")
+    assert progress[-1] == "lens: [2/2] running: -" and len(progress) == 4
 
 
 def test_resume_after_an_interrupted_ray_sweep_runs_only_what_is_missing(offline, tmp_path,
@@ -152,11 +155,13 @@ def test_resume_after_an_interrupted_ray_sweep_runs_only_what_is_missing(offline
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()
               if "tiny-gpt2" in p.name}
     record = json.loads((out / "output-tiny-llama.error.json").read_bytes())
-    assert record["stage"] == "interrupted"
+    assert record["stage"] == "interrupted" and record["error_class"] == "TaskCancelledError"
 
     ran: list[str] = []
     status, err = _sweep(out, TINY, resume=True, on_started=lambda model, _: ran.append(model))
     assert status == 0 and ran == [TINY[1]]
+    assert "resume: 1 of 2 models complete, running 1; earlier files moved to superseded/1/" in err
+    assert "lens: [1/2] running: tests/models/tiny-llama" in err
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()
             if "tiny-gpt2" in p.name} == before
     assert json.loads((out / SUPERSEDED / "1" / "output-tiny-llama.error.json").read_bytes()) == record

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,6 +57,8 @@ FALLBACK_GPU_BYTES = 80 * GiB
 """Memory assumed per GPU when the cluster's GPUs cannot be measured."""
 GPU_PROBE_TIMEOUT = 120.0
 INSTALL = "pip install 'lens[ray]'"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+"""Ray colours parts of its messages for terminals; a failure record holds plain text."""
 _SYSTEM_FAILURES = {
     "WorkerCrashedError": "its Ray worker process died (killed, or out of memory: the kernel's "
                           "OOM killer sends SIGKILL)",
@@ -156,11 +159,13 @@ def gpu_memory() -> float:
 
 
 def failure(model: str, exc: BaseException, *, cancelled: bool) -> ModelResult:
-    """The result of a task that Ray reports as failed: stage ``crash`` and Ray's error class."""
+    """The result of a task that Ray reports as failed: stage ``crash`` and Ray's error class
+    (for an exception raised inside the task, ``RayTaskError``, the class it wraps)."""
+    exc = getattr(exc, "cause", None) or exc
     cls = type(exc).__name__
-    why = next((text for name, text in _SYSTEM_FAILURES.items() if name == cls),
-               "its Ray task failed")
-    message = f"{why}: {first_line(exc)}"
+    why = _SYSTEM_FAILURES.get(cls, "its Ray task failed")
+    detail = _ANSI.sub("", first_line(exc))
+    message = why if detail == cls else f"{why}: {detail}"
     if cancelled:
         return interrupted(model, f"interrupted; {message}", error_class=cls)
     return ModelResult(model=model, status="failed", stage="crash", error_class=cls,
@@ -234,12 +239,15 @@ class RaySweep:
         task = self.tasks[gen]
         try:
             item = self.ray.get(next(gen))
-        except StopIteration:
+        except StopIteration:  # over without a result: Ray drops what a cancelled task yields
+            error: BaseException = self.ray.exceptions.TaskCancelledError() if cancelled else \
+                RuntimeError("its Ray task ended without a result")
+            if task.started or not cancelled:
+                self.fail(failure(task.model, error, cancelled=cancelled))
             return True
         except Exception as exc:  # noqa: BLE001 - Ray's errors: crash, OOM, node lost, cancel
-            if cancelled and not task.started:
-                return True  # never ran: not_run, no record
-            self.fail(failure(task.model, exc, cancelled=cancelled))
+            if task.started or not cancelled:  # a cancelled task that never ran: not_run
+                self.fail(failure(task.model, exc, cancelled=cancelled))
             return True
         if not task.started:
             task.started = True
