@@ -33,7 +33,7 @@ _KEY_COLUMNS = ("fact_id", "prompt_id", "prompt_variant", "pos")
 
 
 def csv_complete(data: bytes, n_layers: int) -> bool:
-    """Whether a records CSV holds whole passes: full rows, one per layer of each pass/position."""
+    """Whether a per-layer CSV holds whole passes: full rows, one per layer of each pass/position."""
     if not data.endswith(b"\n"):
         return False
     try:
