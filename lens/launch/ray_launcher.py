@@ -215,20 +215,19 @@ class RaySweep:
             why = unplaceable(request, nodes)
             if why:
                 self.fail(ModelResult(model=model, status="skipped", stage="device",
-                                      error_class="DeviceError", message=f"{model}: {why}"))
+                                      error_class="DeviceError", message=why))
                 continue
             job = {"model": model, "config": request.config.to_json(), "probe": probe,
-                   "plots": plots,
-                   "cwd": os.getcwd()}
+                   "plots": plots, "cwd": os.getcwd()}
             self.tasks[remote.options(**request.options()).remote(job)] = _Task(model)
 
     def _gpu_bytes(self) -> float | None:
         ray = self.ray
         if not ray.cluster_resources().get("GPU"):
             return None
-        probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(gpu_memory)
+        measure = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(gpu_memory)
         try:
-            return float(ray.get(probe.remote(), timeout=GPU_PROBE_TIMEOUT))
+            return float(ray.get(measure.remote(), timeout=GPU_PROBE_TIMEOUT))
         except Exception as exc:  # noqa: BLE001 - a guess is better than no sweep
             print(f"lens: warning: cannot measure the cluster's GPU memory ({type(exc).__name__}); "
                   f"assuming {FALLBACK_GPU_BYTES / GiB:.0f} GiB per GPU", file=sys.stderr)
