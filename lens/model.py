@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lens.config import SEED
 from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
+from lens import validate
 from lens.errors import LensError
 from lens.outputs import output_name
 from lens.norms import Architecture, NormSpec, classify_block_order, describe_norm, norm_for_layer
@@ -182,6 +183,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
         raise LensError(f"cannot load config/tokenizer of {model_id}: {_first_line(exc)}") from exc
+    validate.check_config(model_id, hf_config)
     stage("device")
     multi = device_map is not None or (n_devices or 1) > 1
     plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
@@ -196,6 +198,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                                                          **placement)
     except Exception as exc:  # noqa: BLE001
         raise LensError(f"cannot load weights of {model_id}: {_first_line(exc)}") from exc
+    validate.check_loaded(model_id, tokenizer, getattr(bridge, "original_model", None))
     dev = torch.device(bridge.cfg.device or plan.device) if multi else plan.device
     bridge.eval()
     cfg = bridge.cfg
@@ -231,8 +234,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    return validate.reason(exc)
 
 
 @dataclass(frozen=True, eq=False)

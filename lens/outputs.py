@@ -168,8 +168,9 @@ def run_files(run: Any, config: Any, *, evaluation: bytes | None = None,
         import torch
 
         buffer = io.BytesIO()
-        torch.save({("" if not multi else f"{p.ctx.fact_id}/") + f"{p.ctx.prompt_id}/{p.ctx.variant}":
-                    p.capture.resids.cpu() for p in run.passes if p.capture is not None}, buffer)
+        torch.save({("" if not multi else f"{p.ctx.fact_id}/")
+                    + f"{p.ctx.prompt_id}/{p.ctx.variant}": p.capture.resids.cpu()
+                    for p in run.passes if p.capture is not None}, buffer)
         files[residuals_file(name)] = buffer.getvalue()
     if evaluation is not None:
         files[evaluation_file(name)] = evaluation

@@ -72,7 +72,8 @@ def evaluation_stub(name: str, report: Mapping[str, Any]) -> bytes:
         lines.append(f"- probe `{report['probe']['name']}`: {report['probe']['n_facts']} facts "
                      f"(numbers above: the first, `{report['probe']['fact_ids'][0]}`); statistics "
                      f"across facts in `{outputs.aggregate_file(name)}`")
-    lines += ["", "## Reading", "", "_Write your interpretation of the per-layer records here._", ""]
+    lines += ["", "## Reading", "",
+              "_Write your interpretation of the per-layer records here._", ""]
     return "\n".join(lines).encode("utf-8")
 
 
@@ -181,7 +182,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
             line=(f"lens: {name}: {model.n_layers} layers, final top-1 {top[0]!r} p={top[1]:.3f}, "
                   f"{_summary_line(run)} ({time.perf_counter() - start:.1f}s)"),
             seconds=f"lens: {name}: seconds: {timer.summary()}")
-    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a failing model never ends a sweep
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a model's failure is its result
         return Produced(name=name, result=_failure(model_id, name, stage, exc))
     finally:
         progress.clear()

@@ -109,7 +109,8 @@ def model_list(models: Sequence[str], *, models_file: Path | None = None,
         if name in seen:
             raise LensError(f"{seen[name]!r} and {model!r} would both write "
                             f"{outputs.report_file(name)} and its other files; "
-                            "list each model once, or run same-named models into separate --out_dir")
+                            "list each model once, or run same-named models into separate "
+                            "--out_dir")
         seen[name] = model
     return listed, sweep
 
@@ -192,8 +193,9 @@ class Summary:
         if failures:
             lines += ["", "## Not completed", ""]
             for r in failures:
+                record = outputs.error_file(outputs.output_name(r.model))
                 lines.append(f"- `{r.model}`: {r.status} at {r.stage} — {r.error_class}: "
-                             f"{_md_cell(r.message)} (`{outputs.error_file(outputs.output_name(r.model))}`)")
+                             f"{_md_cell(r.message)} (`{record}`)")
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 

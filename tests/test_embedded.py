@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_dir_without_marker_is_rebuilt(builds, fake_gguf: Path, tmp_path: Path) 
     assert (final / embedded.MARKER).is_file()
 
 
-@pytest.mark.parametrize("field", ["sha256_ends", "size", "mtime_ns", "format"])
+@pytest.mark.parametrize("field", ["sha256_ends", "size", "format"])
 def test_marker_mismatch_is_stale(builds, fake_gguf: Path, tmp_path: Path, field: str) -> None:
     final = embedded_model_dir(cache_root=tmp_path, gguf=fake_gguf)
     marker = json.loads((final / embedded.MARKER).read_text())
@@ -167,6 +168,61 @@ def test_changed_gguf_is_stale(builds, fake_gguf: Path, tmp_path: Path) -> None:
     assert len(builds) == 2
 
 
+def test_second_install_shares_the_cache(builds, fake_gguf: Path, tmp_path: Path) -> None:
+    """The same GGUF at another path with another mtime (a second venv) reuses the build."""
+    first = embedded_model_dir(cache_root=tmp_path / "cache", gguf=fake_gguf)
+    other = tmp_path / "other-venv" / fake_gguf.name
+    other.parent.mkdir()
+    other.write_bytes(fake_gguf.read_bytes())
+    os.utime(other, ns=(1_000_000_000, 1_000_000_000))
+    assert embedded_model_dir(cache_root=tmp_path / "cache", gguf=other) == first
+    assert len(builds) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage-header", "missing"])
+def test_damaged_cache_is_rebuilt_once_and_named(monkeypatch, damage: str, fake_gguf: Path,
+                                                 tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    calls: list[Path] = []
+
+    def build(gguf: Path, dest: Path) -> None:
+        calls.append(dest)
+        save_file({"w": __import__("torch").zeros(64)}, str(dest / embedded.WEIGHTS))
+
+    monkeypatch.setattr(embedded, "_build", build)
+    final = embedded_model_dir(cache_root=tmp_path, gguf=fake_gguf)
+    weights = final / embedded.WEIGHTS
+    good = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(good[:100])
+    elif damage == "garbage-header":
+        weights.write_bytes(b"\xff" * len(good))
+    else:
+        weights.unlink()
+    capsys.readouterr()
+    assert embedded_model_dir(cache_root=tmp_path, gguf=fake_gguf) == final
+    assert len(calls) == 2 and weights.read_bytes() == good
+    err = capsys.readouterr().err
+    assert f"the cached embedded model at {final} is damaged" in err
+
+
+def test_cache_damaged_after_rebuild_names_the_path(monkeypatch, fake_gguf: Path,
+                                                    tmp_path: Path) -> None:
+    def build(gguf: Path, dest: Path) -> None:
+        (dest / embedded.WEIGHTS).write_bytes(b"\xff" * 64)
+
+    monkeypatch.setattr(embedded, "_build", build)
+    with pytest.raises(LensError, match=f"cache at {tmp_path / EMBEDDED_ID} is damaged even"):
+        embedded_model_dir(cache_root=tmp_path, gguf=fake_gguf)
+
+
+def test_unwritable_cache_asks_for_lens_cache_dir(builds, fake_gguf: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LensError, match="set LENS_CACHE_DIR to a writable directory"):
+        embedded_model_dir(cache_root=tmp_path / "file" / "cache", gguf=fake_gguf)
+
+
 def test_garbage_marker_is_stale(builds, fake_gguf: Path, tmp_path: Path) -> None:
     final = embedded_model_dir(cache_root=tmp_path, gguf=fake_gguf)
     (final / embedded.MARKER).write_text("{not json")
@@ -182,7 +238,7 @@ def test_lost_race_keeps_winner(monkeypatch, fake_gguf: Path, tmp_path: Path) ->
         (dest / "config.json").write_text("mine")
         final.mkdir()
         (final / "config.json").write_text("theirs")
-        marker = embedded._fingerprint(gguf)
+        marker = {**embedded._fingerprint(gguf), "files": {"config.json": 6}}
         (final / embedded.MARKER).write_text(json.dumps(marker))
 
     monkeypatch.setattr(embedded, "_build", racing_build)
@@ -206,7 +262,7 @@ def test_failed_build_leaves_nothing(monkeypatch, fake_gguf: Path, tmp_path: Pat
 # --- the real model (uses the shared default cache; ~20 s only the first time) ---
 
 
-def test_real_cache_predicts_berlin() -> None:
+def test_real_cache_predicts_berlin(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,6 +270,20 @@ def test_real_cache_predicts_berlin() -> None:
     start = time.perf_counter()
     assert embedded_model_dir() == directory
     assert time.perf_counter() - start < 5
+    # A second install: the same GGUF elsewhere, another mtime, shares this build.
+    other = tmp_path / "second-install" / gguf_path().name
+    other.parent.mkdir()
+    shutil.copyfile(gguf_path(), other)
+    os.utime(other, ns=(1_000_000_000, 1_000_000_000))
+    try:
+        def no_build(gguf: Path, dest: Path) -> None:
+            raise AssertionError("a second install re-dequantized the shared cache")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(embedded, "_build", no_build)
+            assert embedded_model_dir(gguf=other) == directory
+    finally:
+        other.unlink()
     for name in ("config.json", "model.safetensors", "tokenizer.json", embedded.MARKER):
         assert (directory / name).is_file(), name
 

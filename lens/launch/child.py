@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lens.chatter import libraries_quiet
 from lens.config import RunConfig
 from lens.errors import LensError
 from lens.interrupts import exit_status, handled
@@ -55,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("lens.launch.child: error: run by python -m lens.run, not by hand",
                       file=sys.stderr)
                 return 2
-            return run_job(json.loads(args[0]))
+            job = json.loads(args[0])
+            with libraries_quiet(bool(job["quiet"])):
+                return run_job(job)
     except KeyboardInterrupt as exc:
         return exit_status(exc)
 

@@ -159,6 +159,7 @@ def run_local(model: str, config: RunConfig, out: RunDir, *, index: int, total: 
     except (ValueError, TypeError):
         out.remove_tree(staging)
         result = _recover(out, model, name, before, rc, stopped_by, _fact_ids(probe))
-    if stopped_by is None and result.status == "interrupted":
-        stopped_by = Terminated() if result.error_class == Terminated.__name__ else KeyboardInterrupt()
+    if stopped_by is None and result.status == "interrupted":  # the child got the signal itself
+        terminated = result.error_class == Terminated.__name__
+        stopped_by = Terminated() if terminated else KeyboardInterrupt()
     return dataclasses.replace(result, seconds=seconds), stopped_by
