@@ -137,12 +137,13 @@ def model_task(job: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """
     import ray
 
+    from lens.chatter import libraries_quiet
     from lens.runmodel import produce
 
     yield {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
     start = time.monotonic()
     here = job["cwd"] if os.path.isdir(job["cwd"]) else os.getcwd()
-    with contextlib.chdir(here):
+    with contextlib.chdir(here), libraries_quiet(job["quiet"]):
         produced = produce(job["model"], RunConfig.from_json(job["config"]), job["probe"],
                            quiet=True, plots=job["plots"])
     yield {"produced": produced, "seconds": round(time.monotonic() - start, 2)}
@@ -218,7 +219,7 @@ class RaySweep:
                                       error_class="DeviceError", message=why))
                 continue
             job = {"model": model, "config": request.config.to_json(), "probe": probe,
-                   "plots": plots, "cwd": os.getcwd()}
+                   "plots": plots, "quiet": self.quiet, "cwd": os.getcwd()}
             self.tasks[remote.options(**request.options()).remote(job)] = _Task(model)
 
     def _gpu_bytes(self) -> float | None:
