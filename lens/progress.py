@@ -66,3 +66,54 @@ class Progress:
             self.stream.write(_CLEAR)
             self.stream.flush()
             self._drawn = False
+
+
+class SweepStatus:
+    """The sweep-level line ``[done/total] running: a, b`` for every launcher.
+
+    On a terminal it is redrawn in place (a local worker draws its own stage and
+    layer after the same prefix); in a log each change is a line of its own, so a
+    cluster job's log shows what ran when. ``--quiet`` shows nothing.
+    """
+
+    def __init__(self, total: int, *, done: int = 0, quiet: bool = False,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.quiet = quiet
+        self.total = total
+        self.done = done
+        self.running: list[str] = []
+        self._drawn = False
+
+    def line(self) -> str:
+        return f"[{self.done}/{self.total}] running: {', '.join(self.running) or '-'}"
+
+    def started(self, model: str) -> None:
+        self.running.append(model)
+        self._draw()
+
+    def finished(self, model: str) -> None:
+        if model in self.running:
+            self.running.remove(model)
+        self.done += 1
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            width = shutil.get_terminal_size((80, 20)).columns - 1
+            self.stream.write(_CLEAR + self.line()[:width])
+            self._drawn = True
+        else:
+            self.stream.write(f"lens: {self.line()}\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the line before ordinary output."""
+        if self._drawn:
+            self.stream.write(_CLEAR)
+            self.stream.flush()
+            self._drawn = False

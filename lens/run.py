@@ -2,8 +2,9 @@
 
 One model named on the command line runs in this process. Several models, a
 ``--models-file`` or a ``--preset`` make a sweep (``lens.sweep``): each model in
-its own process (``lens.launch.local``), a failure record for each failing one,
-and a summary.
+its own process (``lens.launch.local``) or Ray task (``--launcher ray``,
+``lens.launch.ray_launcher``), a failure record for each failing one, and a
+summary. ``--resume DIR`` finishes a sweep (``lens.resume``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from lens.cli import OneLineParser, add_config_flags, config_from
 from lens.config import RunConfig
 from lens.errors import LensError, first_line
+from lens.launch import LAUNCHERS
 from lens.probe import builtin_probes, resolve_probe
 
 PROG = "python -m lens.run"
@@ -40,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
                    help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
                         "(.json/.yaml, see README) (default: default)")
+    p.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                   help="where a sweep's models run: local (one worker process after another) "
+                        "or ray (one Ray task each, concurrently; pip install 'lens[ray]') "
+                        "(default local)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (auto: the one this node belongs to); default: "
+                        "RAY_ADDRESS if set, else a new local Ray instance")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="finish the sweep in DIR: keep models whose outputs there are complete, "
+                        "run the failed and missing ones (models: as given, else DIR's summary)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--self-test", action="store_true",
                    help="check the normalisation against the model itself; write nothing")
@@ -76,6 +88,32 @@ def self_test_main(model_ids: Sequence[str], config: RunConfig, *, quiet: bool =
     return status
 
 
+def resume_main(args: argparse.Namespace, config: RunConfig) -> int:
+    """``--resume DIR``: the sweep's models (as given, else from DIR's summary) into DIR."""
+    from lens.resume import models_of
+    from lens.rundir import RunDir
+    from lens.sweep import model_list, run_sweep
+
+    if args.out_dir is not None or args.self_test:
+        flag = "--out_dir" if args.out_dir is not None else "--self-test"
+        raise LensError(f"--resume DIR writes into DIR; drop {flag}")
+    if not args.resume.is_dir():
+        raise LensError(f"--resume {args.resume}: no such directory; give the run directory "
+                        "of the sweep to finish")
+    resolve_probe(args.probe)
+    if args.launcher == "ray":
+        from lens.launch.ray_launcher import require_ray
+
+        require_ray()
+    with RunDir.open(args.resume) as out:
+        listed = [*args.models] if args.models or args.models_file or args.preset else models_of(out)
+        models, _ = model_list(listed, models_file=args.models_file, preset=args.preset,
+                               default="")
+        return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
+                         plots=not args.no_plots, launcher=args.launcher,
+                         ray_address=args.ray_address, resume=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0: every model succeeded, 1: some failed,
     130: Ctrl-C, 143: SIGTERM)."""
@@ -103,15 +141,22 @@ def _run(args: argparse.Namespace) -> int:
     from lens.sweep import model_list, run_sweep
 
     config = config_from(args)
+    if args.resume is not None:
+        return resume_main(args, config)
     models, sweep = model_list(args.models, models_file=args.models_file, preset=args.preset,
                                default=EMBEDDED_ID)
     if args.self_test:
         return self_test_main(models, config, quiet=args.quiet)
     probe = resolve_probe(args.probe)
+    if args.launcher == "ray":
+        from lens.launch.ray_launcher import require_ray
+
+        require_ray()
     with prepare_out_dir(args.out_dir) if args.out_dir else rotate_latest(args.output_root) as out:
-        if sweep:
+        if sweep or args.launcher == "ray":
             return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
-                             plots=not args.no_plots)
+                             plots=not args.no_plots, launcher=args.launcher,
+                             ray_address=args.ray_address)
         result = run_one(models[0], config, out, probe, quiet=args.quiet,
                          plots=not args.no_plots,
                          progress=Progress(quiet=args.quiet, prefix=models[0]))

@@ -6,8 +6,10 @@ memory, a crash of its process) gets one line on stderr and a failure record
 outputs, and the sweep goes on. ``summary.csv``/``summary.md`` get a row per
 model, rewritten after each one, so even a killed sweep leaves a summary.
 
-One model's run is ``lens.runmodel``; the local launcher (``lens.launch.local``)
-runs each model of a sweep in its own process. Ctrl-C and SIGTERM stop the
+One model's run is ``lens.runmodel``; a launcher runs the models: the local one
+(``lens.launch.local``) each in its own process, one after another, the Ray one
+(``lens.launch.ray_launcher``) each as a Ray task, concurrently. ``--resume``
+keeps the models already complete (``lens.resume``). Ctrl-C and SIGTERM stop the
 running model (its record says ``interrupted``), finalise the summary and end
 the sweep with 130 or 143.
 """
@@ -23,7 +25,10 @@ from lens import outputs
 from lens.config import RunConfig
 from lens.errors import LensError
 from lens.interrupts import exit_status, handled
+from lens.launch import SweepEvents
 from lens.launch.local import child_argv, run_local
+from lens.probe import resolve_probe
+from lens.progress import SweepStatus
 from lens.results import ModelResult
 from lens.rundir import RunDir
 from lens.writers import csv_bytes
@@ -136,7 +141,7 @@ class Summary:
         self.error: str | None = None
         n = 1
         while True:
-            suffix = "" if n == 1 else f"-{n}"
+            suffix = self.suffix = "" if n == 1 else f"-{n}"
             self.csv_name, self.md_name = f"summary{suffix}.csv", f"summary{suffix}.md"
             try:
                 if out.exists(self.md_name):
@@ -197,14 +202,15 @@ class Summary:
 # ---------------------------------------------------------------- the sweep
 
 
-def _plot_sweep(out: RunDir, models: Sequence[str]) -> None:
-    """``sweep-trajectories.png``: every finished model on normalised depth (never overwritten).
+def _plot_sweep(out: RunDir, models: Sequence[str], suffix: str = "") -> None:
+    """``sweep-trajectories.png``: every finished model on normalised depth (never overwritten;
+    ``suffix`` follows the summary's: ``-2`` for a resumed sweep's).
 
     Models whose pure CSV is missing are left out; a plot never fails a sweep.
     """
     from lens.plots import plot_sweep, sweep_model_from_dir
 
-    name = "sweep-trajectories.png"
+    name = f"sweep-trajectories{suffix}.png"
     names = [outputs.output_name(m) for m in models]
     names = [n for n in names if out.exists(outputs.pure_file(n))]
     if not names or out.exists(name):
@@ -215,35 +221,80 @@ def _plot_sweep(out: RunDir, models: Sequence[str]) -> None:
         print(f"lens: warning: no {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+def run_locally(models: Sequence[str], config: RunConfig, out: RunDir, events: SweepEvents, *,
+                done: int, total: int, quiet: bool, probe: str, plots: bool,
+                argv: Callable[[Mapping[str, Any]], list[str]] = child_argv,
+                ) -> KeyboardInterrupt | None:
+    """The local launcher: one process per model, one after another; the Ctrl-C/SIGTERM
+    that stopped the sweep, if any."""
+    for model in models:
+        events.started(model)
+        result, stopped_by = run_local(model, config, out, index=done, total=total, quiet=quiet,
+                                       probe=probe, plots=plots, argv=argv)
+        done += 1
+        events.finished(model, result)
+        if stopped_by is not None:
+            return stopped_by
+    return None
+
+
 def run_sweep(models: Sequence[str], config: RunConfig, out: RunDir, *, quiet: bool,
               probe: str = "default", plots: bool = True,
-              argv: Callable[[Mapping[str, Any]], list[str]] = child_argv) -> int:
-    """Run every model in its own process; returns the exit status.
+              argv: Callable[[Mapping[str, Any]], list[str]] = child_argv,
+              launcher: str = "local", ray_address: str | None = None, resume: bool = False,
+              on_started: Callable[[str, Mapping[str, Any]], None] | None = None) -> int:
+    """Run every model (``launcher``: local processes or Ray tasks); returns the exit status.
 
     0 when every model succeeded; 130 after Ctrl-C, 143 after SIGTERM (finished
     models keep their outputs; the summary lists the interrupted and the not-run
-    ones); else 1, also when the summary could not be written.
+    ones); else 1, also when the summary could not be written. ``resume``: models
+    complete in ``out`` are kept, not run (``lens.resume``). ``on_started`` (Ray)
+    is told each model and its task's ``{pid, node}``.
     """
+    from lens.resume import describe, resume as resume_in
+
+    if launcher == "ray":
+        from lens.launch.ray_launcher import require_ray
+
+        require_ray()
     with handled():
-        summary = Summary(out, models)
         results: dict[str, ModelResult] = {}
-        stopped_by: KeyboardInterrupt | None = None
-        try:
-            for index, model in enumerate(models, 1):
-                result, stopped_by = run_local(model, config, out, index=index,
-                                               total=len(models), quiet=quiet, probe=probe,
-                                               plots=plots, argv=argv)
-                results[model] = result
+        if resume:
+            results, moved = resume_in(out, models)
+            if not quiet:
+                print(describe(results, moved, len(models)), file=sys.stderr)
+        summary = Summary(out, models)
+        summary.write(results)
+        status = SweepStatus(len(models), done=len(results), quiet=quiet)
+
+        def finished(model: str, result: ModelResult) -> None:
+            results[model] = result
+            status.finished(model)
+            if not result.ok:
+                status.clear()
                 if result.status == "interrupted":
                     print(f"lens: interrupted: {model}: {result.message}", file=sys.stderr)
-                elif not result.ok:
+                else:
                     print(f"lens: error: {model}: {result.status} at {result.stage}: "
                           f"{result.message}", file=sys.stderr)
-                summary.write(results)
-                if stopped_by is not None:
-                    break
+            summary.write(results)
+
+        events = SweepEvents(started=status.started, finished=finished)
+        todo = [m for m in models if m not in results]
+        try:
+            if launcher == "ray":
+                from lens.launch.ray_launcher import run_on_ray
+
+                stopped_by = run_on_ray(todo, config, out, resolve_probe(probe), plots=plots,
+                                        quiet=quiet, address=ray_address, events=events,
+                                        on_started=on_started)
+            else:
+                stopped_by = run_locally(todo, config, out, events, done=len(results),
+                                         total=len(models), quiet=quiet, probe=probe,
+                                         plots=plots, argv=argv)
         except KeyboardInterrupt as exc:  # between two models
             stopped_by = exc
+        status.clear()
         return _finish(summary, results, out, models, quiet=quiet, plots=plots,
                        stopped_by=stopped_by)
 
@@ -258,7 +309,7 @@ def _finish(summary: Summary, results: Mapping[str, ModelResult], out: RunDir,
               "a new --out_dir for a summary", file=sys.stderr)
     n_ok = sum(r.ok for r in results.values())
     if plots and n_ok and stopped_by is None:
-        _plot_sweep(out, [m for m in models if m in results and results[m].ok])
+        _plot_sweep(out, [m for m in models if m in results and results[m].ok], summary.suffix)
     if not quiet and summary.error is None:
         print(f"lens: sweep: {n_ok} of {len(models)} models ok -> {out.path / summary.md_name}")
     if stopped_by is not None:

@@ -32,7 +32,7 @@ def run_job(job: Mapping[str, Any]) -> int:
     result_fd = int(job["result_fd"])
     out = RunDir(int(job["out_fd"]), Path(job["out_path"]))
     progress = Progress(quiet=bool(job["quiet"]),
-                        prefix=f"[{job['index']}/{job['total']}] {job['model']}")
+                        prefix=f"[{job['index']}/{job['total']}] running: {job['model']}")
     try:
         probe = resolve_probe(job.get("probe", "default"))
     except LensError as exc:
