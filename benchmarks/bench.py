@@ -185,8 +185,7 @@ def floor_run(model: LoadedModel, fact: Fact, config: RunConfig) -> dict[str, fl
         with _timed(times, "capture forwards"):
             resids = [capture(model, tokenize(model, p.prompt())).resids for p in passes_for(fact)]
         with _timed(times, "head-probe forwards"):
-            for prompt in fact.test_prompts:
-                head_logits(model, tokenize(model, prompt))
+            head_logits(model, [tokenize(model, prompt) for prompt in fact.test_prompts])
         udtype = unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed)
         adtype = analysis_dtype(model.dtype)
         W = model.W_U.to(udtype)

@@ -292,21 +292,10 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         One ``Capture`` per prompt: head logits (len_i, d_vocab) and residuals
         (n_layers + 1, len_i, d_model), copied out of the batch tensors.
     """
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not batch:
         return []
-    n, width = model.n_layers, max(len(ids) for ids in batch)
-    pad = model.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
-    tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    spans = []
-    for row, ids in enumerate(batch):
-        start = width - len(ids) if padding_side == "left" else 0
-        tokens[row, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, start:start + len(ids)] = 1
-        spans.append(slice(start, start + len(ids)))
+    n = model.n_layers
+    tokens, mask, spans = _padded(model, batch, padding_side)
     names = {"hook_embed", *(f"blocks.{i}.hook_resid_post" for i in range(n))}
     if model.additive_positions:
         names.add("hook_pos_embed")
@@ -325,16 +314,50 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
     ]
 
 
-def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
-    """(d_vocab,) the model's own logits at the last position of ``ids``.
+def _padded(model: LoadedModel, batch: Sequence[Sequence[int]],
+            padding_side: str) -> tuple[Tensor, Tensor, list[slice]]:
+    """Token ids and 2-D attention mask of ``batch`` padded to its longest prompt, and each row's span."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(ids) for ids in batch)
+    pad = model.tokenizer.pad_token_id
+    pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+    tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    spans = []
+    for row, ids in enumerate(batch):
+        start = width - len(ids) if padding_side == "left" else 0
+        tokens[row, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, start:start + len(ids)] = 1
+        spans.append(slice(start, start + len(ids)))
+    return tokens, mask, spans
 
-    Asks the model for the last position's logits only (``logits_to_keep=1``)
-    where its forward takes that argument: the other positions' unembeddings
-    are never read, and with a wide vocabulary they cost as much as the blocks.
+
+def head_logits(model: LoadedModel, batch: Sequence[Sequence[int]]) -> Tensor:
+    """(len(batch), d_vocab) the model's own logits at each prompt's last position.
+
+    All prompts run in ONE right-padded forward (as ``capture_batch``: each
+    prompt keeps positions ``0..len-1`` and never attends to the padding after
+    it), so a row equals that prompt's single forward up to float rounding.
+    Where the model's forward takes ``logits_to_keep``, it is asked for each
+    row's last position only (a ``(batch, 1)`` tensor of positions): the other
+    positions' unembeddings are never read, and with a wide vocabulary they
+    cost as much as the blocks.
     """
-    extra = {"logits_to_keep": 1} if _keeps_logits(model.bridge) else {}
-    with torch.no_grad(), model_precision(model.dtype):
-        return model.bridge(torch.tensor([ids], device=model.device), **extra)[0, -1].detach().to(model.device)
+    if not batch:
+        return torch.empty((0, model.d_vocab), device=model.device)
+    tokens, mask, spans = _padded(model, batch, "right")
+    last = torch.tensor([[span.stop - 1] for span in spans], device=model.device)
+    def forward(**extra: Any) -> Tensor:
+        with torch.no_grad(), model_precision(model.dtype):
+            return model.bridge(tokens.to(model.device), attention_mask=mask.to(model.device),
+                                **extra)
+
+    logits = forward(logits_to_keep=last) if _keeps_logits(model.bridge) else None
+    if logits is None or tuple(logits.shape[:2]) != (len(batch), 1) or logits.ndim != 3:
+        logits = forward()  # every position, then each row's last (a forward that slices otherwise)
+        logits = torch.take_along_dim(logits, last[..., None].to(logits.device), dim=1)
+    return logits[:, 0].detach().to(model.device)
 
 
 def _keeps_logits(bridge: Any) -> bool:

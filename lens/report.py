@@ -272,10 +272,10 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
     head = orig.ctx.head_logits
     report["final_prediction"] = _head_entry("final_prediction", table, head, 20, dtype)
     with maybe_stage(timer, "head_probes"):
+        tests = head_logits(model, [tokenize(model, p) for p in fact.test_prompts])
         report["test_prompts"] = [
-            _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype,
-                        prompt=p)
-            for p in fact.test_prompts
+            _head_entry("test_prompt", table, logits, 10, dtype, prompt=p)
+            for p, logits in zip(fact.test_prompts, tests, strict=True)
         ]
     report["temperature_exploration"] = [
         _head_entry("temperature_exploration", table, head / t, 15, dtype, temperature=t)
