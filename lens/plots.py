@@ -121,7 +121,8 @@ def _cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: fl
     return PathCollection(
         [shapes[label] for _, _, label, _ in cells],
         offsets=[(x, y) for x, y, _, _ in cells], offset_transform=transform,
-        transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72), facecolors=[c for *_, c in cells],
+        transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72),
+        facecolors=[c for *_, c in cells],
         edgecolors="none", linewidths=0, snap=False)  # snapping would erase thin strokes ("-")
 
 
