@@ -16,13 +16,13 @@ resampled medians.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from lens.config import SEED
-from lens.emitters import NextTokenRecord
+from lens.records import NextTokenRecord
 from lens.summaries import first_layer
 
 RESAMPLES = 2000
@@ -70,9 +70,14 @@ def median_ci(values: Sequence[float | int | None], *, seed: int = SEED,
     return out
 
 
+FactRecords = Sequence[tuple[str, Sequence[NextTokenRecord], Sequence[NextTokenRecord] | None]]
+"""Per fact: its id, its ``pos/orig`` pure records, and its ``pos/no_filler`` pure
+records (None when the fact has no ablation)."""
+
+
 def aggregate_report(*, model_id: str, probe: str, n_layers: int, lens: str,
-                     facts: Sequence[tuple[str, Sequence[NextTokenRecord],
-                                           Sequence[NextTokenRecord] | None]]) -> dict[str, Any]:
+                     facts: FactRecords,
+                     sidecars: Mapping[str, FactRecords] | None = None) -> dict[str, Any]:
     """``output-<name>-aggregate.json``.
 
     Args:
@@ -80,19 +85,10 @@ def aggregate_report(*, model_id: str, probe: str, n_layers: int, lens: str,
         probe: The probe's name.
         n_layers: Number of blocks (the depth the fractions divide by).
         lens: The lens whose records are aggregated (the primary, ``norm``).
-        facts: Per fact: its id, its ``pos/orig`` pure records, and its
-            ``pos/no_filler`` pure records (None when the fact has no ablation).
+        facts: The primary lens's records per fact.
+        sidecars: Per sidecar lens, its records per fact: the same statistics
+            under ``sidecar_metrics.<lens>``.
     """
-    orig = [fact_metrics(o, n_layers) for _, o, _ in facts]
-    nf = [fact_metrics(n, n_layers) if n is not None else None for _, _, n in facts]
-    metrics: dict[str, Any] = {}
-    for name in METRICS:
-        o_vals = [m[name] for m in orig]
-        n_vals = [m[name] if m is not None else None for m in nf]
-        diffs = [None if a is None or b is None else a - b
-                 for a, b in zip(o_vals, n_vals, strict=True)]
-        metrics[name] = {"orig": median_ci(o_vals), "no_filler": median_ci(n_vals),
-                         PAIRED: median_ci(diffs)}
     return {
         "type": "aggregate",
         "model": model_id,
@@ -104,5 +100,22 @@ def aggregate_report(*, model_id: str, probe: str, n_layers: int, lens: str,
         "statistic": {"center": "median", "interval": "percentile_bootstrap",
                       "confidence": CONFIDENCE, "resamples": RESAMPLES, "seed": SEED,
                       "missing": "excluded_and_counted"},
-        "metrics": metrics,
+        "metrics": _metrics(facts, n_layers),
+        "sidecar_metrics": {name: _metrics(recs, n_layers)
+                            for name, recs in (sidecars or {}).items()},
     }
+
+
+def _metrics(facts: FactRecords, n_layers: int) -> dict[str, Any]:
+    """Every metric's median and interval for orig, no_filler and their paired difference."""
+    orig = [fact_metrics(o, n_layers) for _, o, _ in facts]
+    nf = [fact_metrics(n, n_layers) if n is not None else None for _, _, n in facts]
+    metrics: dict[str, Any] = {}
+    for name in METRICS:
+        o_vals = [m[name] for m in orig]
+        n_vals = [m[name] if m is not None else None for m in nf]
+        diffs = [None if a is None or b is None else a - b
+                 for a, b in zip(o_vals, n_vals, strict=True)]
+        metrics[name] = {"orig": median_ci(o_vals), "no_filler": median_ci(n_vals),
+                         PAIRED: median_ci(diffs)}
+    return metrics

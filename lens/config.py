@@ -16,6 +16,13 @@ PRISM_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 SEED = 316
+DEFAULT_LENSES = ("logit", "tuned", "prism")
+"""Sidecar lenses by default; ``tuned`` and ``prism`` decode only where their artifacts fit."""
+
+
+def lens_list(text: str) -> tuple[str, ...]:
+    """``--lenses a,b,c`` as a tuple of names (blanks dropped; ``""`` = none)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +51,8 @@ class RunConfig:
     topk_brief: int = 5
     batch_size: int = 8
     """Prompts per forward pass for probes with more than one fact (1 = one at a time)."""
+    lenses: tuple[str, ...] = DEFAULT_LENSES
+    """Sidecar lenses (``lens.lenses.registry.LENSES``), decoded beside the primary norm lens."""
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_threshold <= 1:
@@ -73,6 +82,10 @@ class RunConfig:
             raise LensError(f"{flag} and --device {self.device} are mutually exclusive: "
                             f"{flag} places the model itself; drop --device")
         self.device_map_value()
+        from lens.lenses.registry import check_lens_names  # the registry imports torch
+
+        object.__setattr__(self, "lenses", tuple(self.lenses))  # a JSON list comes back a tuple
+        check_lens_names(self.lenses)
 
     @property
     def multi_device(self) -> bool:

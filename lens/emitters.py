@@ -1,17 +1,18 @@
-"""Layer steps, records, and the emitters that turn one into the other.
+"""Layer steps and the emitters that turn them into records (``lens.records``).
 
 An emitter is a pure function of a ``LayerStep``: emitting the same step twice
 gives equal records. Per-pass state (the copy window) is kept by the pass and
 handed to emitters inside the step, so emitters never carry state between
-passes or lenses.
+passes or lenses. An emitter also says which rows it reads (``rows``): the
+pass decodes every position only for a lens one of whose emitters needs them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,10 +21,19 @@ from lens import metrics
 from lens.config import RunConfig
 from lens.gold import GoldAnswer
 from lens.lenses import Lens
+from lens.records import (
+    NEXT_TOKEN,
+    ConsistencyRecord,
+    NextTokenRecord,
+    PositionRecord,
+    RawCheckRecord,
+    Record,
+)
 from lens.tokens import TokenTable
 
-NEXT_TOKEN = "⟨NEXT⟩"
-PUNCT_STRIP = ".,!?;:"
+Rows = Literal["all", "last"]
+"""Which positions an emitter reads: every one, or the prompt's last only."""
+ROWS: tuple[Rows, ...] = ("all", "last")
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,83 +102,15 @@ class LayerStep:
         return int(self.logits.shape[0]) - 1
 
 
-@dataclass(frozen=True)
-class PositionRecord:
-    lens: str
-    prompt_id: str
-    variant: str
-    layer: int
-    pos: int
-    token: str
-    entropy: float
-    topk: tuple[tuple[str, float], ...]
-    rest_mass: float
-    fact_id: str = ""
-
-
-@dataclass(frozen=True)
-class NextTokenRecord:
-    lens: str
-    prompt_id: str
-    variant: str
-    layer: int
-    pos: int
-    token: str
-    entropy: float
-    topk: tuple[tuple[str, float], ...]
-    rest_mass: float
-    copy_collapse: bool | None
-    entropy_collapse: bool | None
-    is_answer: bool | None
-    p_top1: float
-    p_top5: float
-    p_answer: float | None
-    kl_to_final_bits: float
-    answer_rank: int | None
-    cos_to_final: float
-    control_margin: float | None
-    fact_id: str = ""
-
-
-@dataclass(frozen=True)
-class RawCheckRecord:
-    lens: str
-    layer: int
-    kl_norm_vs_raw_bits: float
-    top1_agree: bool | None
-    p_top1_norm: float
-    p_top1_raw: float
-    p_answer_norm: float | None
-    p_answer_raw: float | None
-    answer_rank_norm: int | None
-    answer_rank_raw: int | None
-    is_answer_norm: bool | None
-    is_answer_raw: bool | None
-
-
-@dataclass(frozen=True)
-class ConsistencyRecord:
-    lens: str
-    layer: int
-    kl_to_final_bits: float
-    top1_agree: bool | None
-    p_top1_lens: float
-    p_top1_model: float
-    p_answer_lens: float | None
-    answer_rank_lens: int | None
-    temp_est: float
-    kl_after_temp_bits: float
-    cfg_transform: tuple[tuple[str, float | None], ...]
-    kl_after_transform_bits: tuple[tuple[str, float | None], ...]
-    warn_high_last_layer_kl: bool | None
-
-
-Record = PositionRecord | NextTokenRecord | RawCheckRecord | ConsistencyRecord
-
-
 @runtime_checkable
 class Emitter(Protocol):
-    """Turns one decoded layer into records."""
+    """Turns one decoded layer into records.
+
+    ``rows`` says which positions ``emit`` reads: ``"last"`` emitters also get
+    steps decoded at the last position only (``LayerStep.last_row``).
+    """
+
+    rows: Rows
 
     def emit(self, step: LayerStep) -> Iterable[Record]: ...
 
@@ -185,6 +127,8 @@ def _rest(pairs: Sequence[tuple[str, float]]) -> float:
 
 class PositionEmitter:
     """Entropy and top-k at every position (top-20 where verbose, else top-5)."""
+
+    rows: Rows = "all"
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx = step.ctx
@@ -235,6 +179,8 @@ class NextTokenEmitter:
 
     Works on full steps and on steps decoded at the last position only.
     """
+
+    rows: Rows = "last"
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx, cfg, last = step.ctx, step.ctx.config, step.last_row
@@ -298,6 +244,8 @@ def raw_check_layers(mode: str, n_layers: int) -> tuple[int, ...]:
 class RawLensCheck:
     """Compare the step's lens with the raw (un-normalised) lens at sampled layers."""
 
+    rows: Rows = "last"
+
     def __init__(self, raw: Lens) -> None:
         self.raw = raw
 
@@ -326,6 +274,8 @@ TEMPERATURES = torch.logspace(-1, 1, 25, dtype=torch.float64)
 
 class LastLayerConsistency:
     """At the last layer: the lens against the model's own head (SPEC §6)."""
+
+    rows: Rows = "last"
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx = step.ctx
@@ -363,47 +313,3 @@ class LastLayerConsistency:
                                      ("scale_then_softcap", kl_after(both))),
             warn_high_last_layer_kl=kl > 0.5 if math.isfinite(kl) else None,
         )
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """Feed ``inner`` with the steps of another lens; its records carry that lens's name.
-
-    The pass decodes every lens named by a sidecar, keeping a copy window per
-    lens, so the Prism sidecar is the same emitters under a different lens.
-    """
-
-    lens: Lens
-    inner: Emitter
-
-    def emit(self, step: LayerStep) -> Iterable[Record]:
-        if step.lens != self.lens.name:
-            return ()
-        return self.inner.emit(step)
-
-
-def record_values(record: Record) -> dict[str, Any]:
-    return {f.name: getattr(record, f.name) for f in fields(record)}
-
-
-def check_emitter(emitter: object, step: LayerStep) -> list[Record]:
-    """Conformance check: the protocol, purity, untouched tensors, serialisable records.
-
-    Raises ``TypeError``/``AssertionError``-free ``ValueError`` with what failed.
-    """
-    emit = getattr(emitter, "emit", None)
-    if not callable(emit) or not isinstance(emitter, Emitter):
-        raise ValueError(f"{type(emitter).__name__} has no emit(step) method")
-    snapshot = [t.clone() for t in (step.resid, step.logits, step.logp, step.top_p)]
-    first = list(emit(step))
-    second = list(emit(step))
-    if first != second:
-        raise ValueError(f"{type(emitter).__name__}.emit is not pure: two calls differ")
-    for before, after in zip(snapshot, (step.resid, step.logits, step.logp, step.top_p), strict=True):
-        if not torch.equal(before, after):
-            raise ValueError(f"{type(emitter).__name__}.emit modified the step's tensors")
-    for rec in first:
-        for name, value in record_values(rec).items():
-            if isinstance(value, Tensor):
-                raise ValueError(f"{type(rec).__name__}.{name} is a tensor, not a plain value")
-    return first

@@ -1,14 +1,17 @@
 """Passes: one prompt variant, one forward, every layer decoded by every lens.
 
-``Pass.run`` is the template method (final: do not override). A subclass says
-only which prompt and gold answer it uses and which emitters it feeds.
+``Pass.run`` is the template method (``@final``). A subclass says only which
+prompt and gold answer it uses and which emitters it feeds; ``Pass.routes``
+turns that into the pass's routing table, one ``Route`` (lens, rows decoded,
+emitters) per lens, so every lens reaches the emitters by the same road and
+decodes only the rows its emitters read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, final
 
 import torch
 from torch import Tensor
@@ -24,7 +27,7 @@ from lens.emitters import (
     PositionEmitter,
     RawLensCheck,
     Record,
-    Sidecar,
+    Rows,
 )
 from lens.gold import GoldAnswer, align, encode
 from lens.lenses import Lens, RawLens
@@ -61,11 +64,13 @@ class Analysis:
     table: TokenTable
     head_transform: dict[str, float | None]
     sidecar_lenses: tuple[Lens, ...] = ()
-    """Extra lenses whose records go to sidecar CSVs (e.g. Prism)."""
+    """The ``--lenses`` that resolved to a lens, in that order: their records go to
+    sidecar CSVs, fed by the same emitters as the primary's."""
     progress: Callable[[str, int, int], None] | None = None
     """Told ``(pass label, layer, n_layers)`` after each decoded layer (progress display)."""
-    prism_summary: Mapping[str, Any] = field(default_factory=dict)
-    """``diagnostics.prism_summary``, settled before any pass runs."""
+    resolver_summaries: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per chosen lens whose resolver says something (fitted lenses: the artifacts used
+    or why not): ``diagnostics.<lens>_summary``, settled before any pass runs."""
     next_token_lenses: tuple[Lens, ...] = ()
     """Lenses decoded at the last position only, feeding pure next-token records that
     no CSV holds (the raw lens at every layer, for the trajectory plot)."""
@@ -75,6 +80,24 @@ def is_verbose(token: str, words: Sequence[str]) -> bool:
     """Whether a position gets the long top-k: its token contains an important word."""
     text = token.strip().strip(PUNCT_STRIP).lower()
     return bool(text) and any(w.lower() in text for w in words)
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    """One row of a pass's routing table: a lens, the rows it decodes, the emitters it feeds."""
+
+    lens: Lens
+    rows: Rows
+    """``all`` when an emitter reads every position, else ``last`` (one row per layer)."""
+    emitters: tuple[Emitter, ...]
+    label: str
+    """Progress display: the pass, plus the lens when it is not the primary."""
+
+
+def route(lens: Lens, emitters: Sequence[Emitter], label: str) -> Route:
+    """Decode every position only when one of the emitters reads them."""
+    rows: Rows = "all" if any(e.rows == "all" for e in emitters) else "last"
+    return Route(lens, rows, tuple(emitters), label)
 
 
 class Pass:
@@ -104,10 +127,18 @@ class Pass:
         """Emitters that only the primary lens feeds (lens checks)."""
         return []
 
-    def emitters(self, analysis: Analysis) -> list[Emitter]:
+    def routes(self, analysis: Analysis) -> list[Route]:
+        """The routing table: the primary with its record emitters and checks, each
+        sidecar lens with the record emitters, each next-token-only lens with the
+        pure next-token emitter alone."""
+        label = f"{self.prompt_id}/{self.variant}"
         records = self.record_emitters()
-        sidecars = [Sidecar(lens, e) for lens in analysis.sidecar_lenses for e in records]
-        return [*records, *self.checks(analysis), *sidecars]
+        return [
+            route(analysis.lens, [*records, *self.checks(analysis)], label),
+            *(route(lens, records, f"{label} ({lens.name})") for lens in analysis.sidecar_lenses),
+            *(route(lens, [NextTokenEmitter()], f"{label} ({lens.name})")
+              for lens in analysis.next_token_lenses),
+        ]
 
     def context(self, analysis: Analysis, cap: Capture, ids: list[int]) -> PassContext:
         model, table = analysis.model, analysis.table
@@ -133,9 +164,10 @@ class Pass:
         """The prompt's token ids as the forward sees them."""
         return tokenize(analysis.model, self.prompt())
 
+    @final
     def run(self, analysis: Analysis, cap: Capture | None = None, *,
             timer: StageTimer | None = None) -> PassResult:
-        """Forward once, decode every layer with every lens, feed the emitters. Final.
+        """Forward once, then decode and emit along every route of the routing table.
 
         Args:
             analysis: The model, lenses and config shared by every pass.
@@ -145,36 +177,32 @@ class Pass:
             timer: Accumulates ``breakdown/capture``, ``breakdown/decode`` and
                 ``breakdown/emit`` seconds (optional).
         """
-        model = analysis.model
         ids = self.token_ids(analysis)
-        if cap is None:
-            with maybe_stage(timer, "breakdown/capture"):
-                cap = capture(model, ids)
-        elif cap.resids.shape[1] != len(ids):
-            raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
-                             f"the prompt {len(ids)} tokens")
+        cap = self._forward(analysis, ids, cap, timer)
         ctx = self.context(analysis, cap, ids)
-        emitters = self.emitters(analysis)
         records: list[Record] = []
-        for lens in (analysis.lens, *analysis.sidecar_lenses):
-            fed = [e for e in emitters
-                   if (e.lens.name if isinstance(e, Sidecar) else analysis.lens.name) == lens.name]
-            label = f"{self.prompt_id}/{self.variant}" + (
-                "" if lens is analysis.lens else f" ({lens.name})")
-            steps = decode_steps(ctx, lens, cap.resids)
-            for step in maybe_iterate(timer, "breakdown/decode", steps):
+        for r in self.routes(analysis):
+            resids = cap.resids if r.rows == "all" else cap.resids[:, -1:]
+            for step in maybe_iterate(timer, "breakdown/decode", decode_steps(ctx, r.lens, resids)):
                 with maybe_stage(timer, "breakdown/emit"):
-                    for emitter in fed:
+                    for emitter in r.emitters:
                         records.extend(emitter.emit(step))
                 if analysis.progress is not None:
-                    analysis.progress(label, step.layer, model.n_layers)
+                    analysis.progress(r.label, step.layer, analysis.model.n_layers)
                 del step  # let decode_steps free this chunk before decoding the next
-        for lens in analysis.next_token_lenses:
-            emitter = NextTokenEmitter()
-            for step in decode_steps(ctx, lens, cap.resids[:, -1:]):
-                records.extend(emitter.emit(step))
         return PassResult(ctx=ctx, records=tuple(records), capture=cap,
                           non_finite_layer=first_non_finite_layer(cap))
+
+    def _forward(self, analysis: Analysis, ids: list[int], cap: Capture | None,
+                 timer: StageTimer | None) -> Capture:
+        """This pass's capture: its own forward, or the given one checked against the prompt."""
+        if cap is None:
+            with maybe_stage(timer, "breakdown/capture"):
+                return capture(analysis.model, ids)
+        if cap.resids.shape[1] != len(ids):
+            raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
+                             f"the prompt {len(ids)} tokens")
+        return cap
 
 
 class OrigPass(Pass):

@@ -13,10 +13,11 @@ Files (beside the CSVs, ``--no-plots`` skips them):
   with more than one fact writes ``output-<name>-heatmap-<fact_id>.png``.
 - ``output-<name>-trajectories.png`` — p_answer, answer rank (log scale), KL
   to the final head and entropy per layer at the next-token position, for
-  orig, no_filler and control, with the norm lens (solid), the raw lens
-  (dotted) and Prism (dashed, when its records exist). Over several facts each
-  line is the median across facts and the band (norm lens) the interquartile
-  range.
+  orig, no_filler and control, one line style per lens: the norm lens solid,
+  then every other lens whose records exist (``lens_styles``: logit dash-dot,
+  raw dotted, prism dashed, tuned long dashes, any other lens its own dash
+  pattern). Over several facts each line is the median across facts and the
+  band (norm lens) the interquartile range.
 - ``plot_sweep`` — the same four panels for several models on normalised depth
   (layer / n_layers), pos/orig under the norm lens; for the sweep launcher.
 """
@@ -33,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from lens.emitters import NextTokenRecord, PositionRecord
-from lens.writers import read_csv_rows, write_atomic
+from lens.records import NextTokenRecord, PositionRecord
+from lens.writers import read_csv_dicts, write_atomic
 
 DPI = 100
 STYLE = {
@@ -54,7 +55,14 @@ SWEEP_SIZE = (1400, 1000)
 VARIANTS = (("pos", "orig", "orig", "#1f77b4"), ("pos", "no_filler", "no_filler", "#ff7f0e"),
             ("ctl", "orig", "control", "#2ca02c"))
 """(prompt_id, variant, label, colour); earlier variants are drawn on top."""
-LENS_STYLES = (("norm", "-"), ("raw", ":"), ("prism", "--"))
+LENS_STYLES: dict[str, tuple[Any, str]] = {
+    "norm": ("-", "solid"), "logit": ("-.", "dash-dot"), "raw": (":", "dotted"),
+    "prism": ("--", "dashed"), "tuned": ((0, (8, 2)), "long dashes")}
+"""(matplotlib line style, its name in the title) per lens; a lens not named here gets
+the next unused of ``EXTRA_STYLES``."""
+EXTRA_STYLES: tuple[tuple[Any, str], ...] = (
+    ((0, (3, 1, 1, 1, 1, 1)), "dash-dot-dot"), ((0, (1, 3)), "sparse dots"),
+    ((0, (5, 3, 1, 3)), "loose dash-dot"), ((0, (2, 1)), "short dashes"))
 PANELS = (("p_answer", "p(answer)", "linear"), ("answer_rank", "answer rank", "log"),
           ("kl_to_final_bits", "KL to final head (bits)", "linear"),
           ("entropy", "entropy (bits)", "linear"))
@@ -250,6 +258,15 @@ def _series(pts: Sequence[Point], metric: str) -> tuple[np.ndarray, np.ndarray, 
     return layers, np.array(med), np.array(q25), np.array(q75)
 
 
+def lens_styles(lenses: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    """The line style of each lens present: those of ``LENS_STYLES`` in its order, then the
+    others in order of appearance (a fixed order, so the same records draw the same PNG)."""
+    seen = list(dict.fromkeys(lenses))
+    present = [n for n in LENS_STYLES if n in seen] + [n for n in seen if n not in LENS_STYLES]
+    extra = iter(EXTRA_STYLES * (1 + len(present)))
+    return {name: LENS_STYLES.get(name) or next(extra) for name in present}
+
+
 def _panels(fig: Any, xlabel: str, *, integer_x: bool) -> list[Any]:
     from matplotlib.ticker import MaxNLocator
 
@@ -275,12 +292,13 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
     """
     pts = points(records)
     n_facts = len({p.fact_id for p in pts})
+    styles = lens_styles(p.lens for p in pts)
     with _style():
         fig = _figure(*TRAJECTORY_SIZE)
         axes = _panels(fig, "layer", integer_x=True)
         handles = []
         for rank, (prompt_id, variant, label, colour) in enumerate(VARIANTS):
-            for lens, style in LENS_STYLES:
+            for lens, (style, _) in styles.items():
                 sel = [p for p in pts if (p.prompt_id, p.variant, p.lens) == (prompt_id, variant, lens)]
                 if not sel:
                     continue
@@ -289,7 +307,7 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
                     layers, med, q25, q75 = _series(sel, metric)
                     if not np.isfinite(med).any():
                         continue
-                    line, = ax.plot(layers, med, style, color=colour, linewidth=1.6,
+                    line, = ax.plot(layers, med, linestyle=style, color=colour, linewidth=1.6,
                                     label=f"{label} · {lens}", zorder=3 + len(VARIANTS) - rank)
                     if n_facts > 1 and lens == "norm":
                         ax.fill_between(layers, q25, q75, color=colour, alpha=0.15, linewidth=0,
@@ -325,9 +343,8 @@ def sweep_model_from_dir(out_dir: str | Path, name: str) -> SweepModel:
 
     out_dir = Path(out_dir)
     report = json.loads((out_dir / f"output-{name}.json").read_text(encoding="utf-8"))
-    header, *rows = read_csv_rows((out_dir / f"output-{name}-pure-next-token.csv").read_bytes())
-    return SweepModel(name=name, n_layers=int(report["model_stats"]["num_layers"]),
-                      pure=[dict(zip(header, row, strict=True)) for row in rows])
+    rows = read_csv_dicts((out_dir / f"output-{name}-pure-next-token.csv").read_bytes())
+    return SweepModel(name=name, n_layers=int(report["model_stats"]["num_layers"]), pure=rows)
 
 
 def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> bytes:
@@ -382,6 +399,8 @@ def plot_files(run: Any) -> dict[str, bytes]:
             title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)")
     pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
+    legend = ", ".join(f"{lens} {name}"
+                       for lens, (_, name) in lens_styles(r.lens for r in pure).items())
     files[f"output-{name}-trajectories.png"] = plot_trajectories(
-        pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed)")
+        pure, title=f"{name} · {what}: next-token trajectories ({legend})")
     return files

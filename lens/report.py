@@ -14,40 +14,21 @@ from typing import Any
 import torch
 
 from lens import summaries
-from lens.aggregate import aggregate_report
+from lens.aggregate import FactRecords, aggregate_report
 from lens.config import Fact, Probe, RunConfig
-from lens.emitters import (
-    ConsistencyRecord,
-    NextTokenRecord,
-    PositionRecord,
-    RawCheckRecord,
-    Record,
-)
 from lens.errors import LensError
-from lens.lenses import NormLens, RawLens
+from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
 from lens.metrics import entropy_bits
 from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
 from lens.passes import Analysis, Pass, PassResult, passes_for
-from lens.prism import resolve_prism
+from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Record
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
-from lens.writers import csv_bytes, json_bytes
+from lens.writers import json_bytes, pure_csv, records_csv
 
-TOPK_SLOTS = 20
 SCALE_KEYS = ("final_logit_scale", "logit_scale", "final_logits_scale")
 SOFTCAP_KEYS = ("final_logit_softcap", "logit_softcap", "final_logits_softcap", "softcap")
-PURE_EXTRA = ("copy_collapse", "entropy_collapse", "is_answer", "p_top1", "p_top5", "p_answer",
-              "kl_to_final_bits", "answer_rank", "cos_to_final", "control_margin")
-RECORDS_HEADER = (
-    "prompt_id", "prompt_variant", "layer", "pos", "token", "entropy",
-    *(f"{kind}{i}" for i in range(1, TOPK_SLOTS + 1) for kind in ("top", "prob")),
-    "rest_mass",
-)
-PURE_HEADER = (*RECORDS_HEADER, *PURE_EXTRA)
-FACT_COLUMN = "fact_id"
-"""Leading column of the records CSVs when a probe has more than one fact."""
-
 FactProgressFn = Callable[[int, int, str], None]
 """``progress(facts_done, facts_total, last_fact_id)``, called as facts complete."""
 
@@ -76,6 +57,8 @@ class ModelRun:
     when the probe has more than one fact."""
     aggregate: dict[str, Any] | None
     """``output-<name>-aggregate.json`` (probes with more than one fact), else None."""
+    sidecar_lenses: tuple[str, ...] = ()
+    """The sidecar lenses that decoded (their CSVs are written), in ``--lenses`` order."""
 
     @property
     def passes(self) -> tuple[PassResult, ...]:
@@ -98,22 +81,24 @@ def build_analysis(model: LoadedModel, config: RunConfig, *,
                    progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Lenses and shared state for every pass of ``model``.
 
-    ``--prism`` is settled here, before any pass runs: ``on`` with missing or
-    incompatible artifacts raises ``LensError``; a usable Prism lens becomes a
-    sidecar lens, so the same emitters write its CSVs.
+    ``--lenses`` is settled here, before any pass runs: each chosen lens that
+    resolves becomes a sidecar lens (a fitted one with ``--<lens> on`` and
+    unusable artifacts raises ``LensError``). The raw lens, unless chosen,
+    still decodes the last position for the trajectory plot.
     """
     unembed = Unembed(model.W_U, model.b_U,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
-    prism = resolve_prism(config, name=model.name, d_model=model.d_model, unembed=unembed,
-                          norms=model.norms)
+    parts = LensParts(config=config, name=model.name, model=model, unembed=unembed,
+                      norms=tuple(model.norms))
+    resolved = resolve_lenses(config.lenses, parts)
     raw = RawLens(unembed)
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=raw, config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
         progress=progress,
-        sidecar_lenses=(prism.lens,) if prism.lens is not None else (),
-        prism_summary=prism.summary,
-        next_token_lenses=(raw,),
+        sidecar_lenses=tuple(r.lens for r in resolved.values() if r.lens is not None),
+        resolver_summaries={n: r.summary for n, r in resolved.items() if r.summary is not None},
+        next_token_lenses=() if "raw" in resolved else (raw,),
     )
 
 
@@ -200,14 +185,18 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
                   "probe": {"name": probe.name, "n_facts": len(facts),
                             "fact_ids": [fr.fact.id for fr in facts]},
                   "facts": {fr.fact.id: fr.report for fr in facts}}
-        lens = analysis.lens.name
+        def per_fact(lens: str) -> FactRecords:
+            return [(fr.fact.id, _pure(fr.passes, lens, "pos", "orig"),
+                     _pure(fr.passes, lens, "pos", "no_filler") if fr.fact.no_filler else None)
+                    for fr in facts]
+
         aggregate = aggregate_report(
-            model_id=model.model_id, probe=probe.name, n_layers=model.n_layers, lens=lens,
-            facts=[(fr.fact.id, _pure(fr.passes, lens, "pos", "orig"),
-                    _pure(fr.passes, lens, "pos", "no_filler") if fr.fact.no_filler else None)
-                   for fr in facts])
+            model_id=model.model_id, probe=probe.name, n_layers=model.n_layers,
+            lens=analysis.lens.name, facts=per_fact(analysis.lens.name),
+            sidecars={lens.name: per_fact(lens.name) for lens in analysis.sidecar_lenses})
     return ModelRun(model=model, probe=probe, facts=facts, records=records, report=report,
-                    aggregate=aggregate)
+                    aggregate=aggregate,
+                    sidecar_lenses=tuple(lens.name for lens in analysis.sidecar_lenses))
 
 
 def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str) -> list[NextTokenRecord]:
@@ -247,7 +236,11 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "context_prompt": orig.ctx.prompt,
         "target_prediction": fact.answer,
         "gold_alignment": orig.ctx.gold.status,
-        "prism_summary": dict(analysis.prism_summary),
+        **{f"{name}_summary": dict(summary)
+           for name, summary in analysis.resolver_summaries.items()},
+        "lens_summaries": {
+            lens.name: summaries.lens_summary(_pure(results, lens.name, "pos", "orig"))
+            for lens in analysis.sidecar_lenses},
         "last_layer_consistency": summaries.consistency_summary(consistency),
         "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
@@ -289,31 +282,6 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
     return report
 
 
-def _prefix(r: PositionRecord | NextTokenRecord) -> list[Any]:
-    cells: list[Any] = [r.prompt_id, r.variant, r.layer, r.pos, r.token, r.entropy]
-    for i in range(TOPK_SLOTS):
-        cells.extend(r.topk[i] if i < len(r.topk) else (None, None))
-    cells.append(r.rest_mass)
-    return cells
-
-
-def records_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False) -> bytes:
-    """The per-position CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
-    lead = (FACT_COLUMN,) if fact_column else ()
-    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r)]
-            for r in records if isinstance(r, PositionRecord) and r.lens == lens]
-    return csv_bytes((*lead, *RECORDS_HEADER), rows)
-
-
-def pure_csv(records: Sequence[Record], lens: str, *, fact_column: bool = False) -> bytes:
-    """The pure next-token CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
-    lead = (FACT_COLUMN,) if fact_column else ()
-    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r),
-             *(getattr(r, f) for f in PURE_EXTRA)]
-            for r in records if isinstance(r, NextTokenRecord) and r.lens == lens]
-    return csv_bytes((*lead, *PURE_HEADER), rows)
-
-
 def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
     """File name → canonical bytes for one model's run (SPEC §8).
 
@@ -327,10 +295,10 @@ def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
         f"output-{name}-records.csv": records_csv(run.records, "norm", fact_column=multi),
         f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm", fact_column=multi),
     }
-    if any(r.lens == "prism" for r in run.records):
-        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism",
+    for lens in run.sidecar_lenses:
+        files[f"output-{name}-records-{lens}.csv"] = records_csv(run.records, lens,
                                                                 fact_column=multi)
-        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism",
+        files[f"output-{name}-pure-next-token-{lens}.csv"] = pure_csv(run.records, lens,
                                                                      fact_column=multi)
     if run.aggregate is not None:
         files[f"output-{name}-aggregate.json"] = json_bytes(run.aggregate)

@@ -14,7 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
+from lens.config import (
+    DEFAULT_LENSES,
+    DEVICES,
+    DTYPES,
+    PRISM_MODES,
+    RAW_LENS_MODES,
+    RunConfig,
+    lens_list,
+)
 from lens.cli import OneLineParser
 from lens.errors import LensError
 from lens.probe import builtin_probes, resolve_probe
@@ -61,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prism", default="auto", choices=PRISM_MODES,
                    help="Prism sidecar lens: auto uses compatible artifacts, on requires them, "
                         "off disables (default auto)")
+    p.add_argument("--lenses", type=lens_list, default=DEFAULT_LENSES, metavar="A,B,...",
+                   help="sidecar lenses beside the primary norm lens: logit, tuned, prism, raw; "
+                        "tuned/prism only where their artifacts fit "
+                        f"(default {','.join(DEFAULT_LENSES)})")
     p.add_argument("--prism-dir", type=Path, default=None,
                    help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
     p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
@@ -81,7 +93,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
         device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
         keep_residuals=args.keep_residuals, device_map=args.device_map, n_devices=args.n_devices,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, lenses=args.lenses,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lens.emitters import ConsistencyRecord, NextTokenRecord, RawCheckRecord, record_values
+from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, record_values
 
 
 def first_layer(records: Sequence[NextTokenRecord], test: Callable[[NextTokenRecord], bool]) -> int | None:
@@ -39,6 +39,27 @@ def collapse_summary(records: Sequence[NextTokenRecord], *, copy_threshold: floa
         "first_rank_le_1": rank_le(1),
         "first_rank_le_5": rank_le(5),
         "first_rank_le_10": rank_le(10),
+    }
+
+
+def lens_summary(records: Sequence[NextTokenRecord]) -> dict[str, Any]:
+    """``diagnostics.lens_summaries.<lens>``: a sidecar lens's milestones on its pos/orig records.
+
+    ``last_layer_kl_bits`` is the lens's KL to the model's head at the last
+    layer (None when the lens wrote no finite value there).
+    """
+    def rank_le(k: int) -> int | None:
+        return first_layer(records, lambda r: r.answer_rank is not None and r.answer_rank <= k)
+
+    last = max(records, key=lambda r: r.layer, default=None)
+    return {
+        "L_semantic": first_layer(records, lambda r: r.is_answer),
+        "first_rank_le_1": rank_le(1),
+        "first_rank_le_5": rank_le(5),
+        "first_rank_le_10": rank_le(10),
+        "first_kl_below_0.5": first_layer(records, lambda r: r.kl_to_final_bits <= 0.5),
+        "first_kl_below_1.0": first_layer(records, lambda r: r.kl_to_final_bits <= 1.0),
+        "last_layer_kl_bits": last.kl_to_final_bits if last is not None else None,
     }
 
 

@@ -35,8 +35,11 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from lens.records import NextTokenRecord, PositionRecord, Record, TokenRecord
 
 FLOAT_SIG_DIGITS = 10
 
@@ -110,6 +113,56 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
 def read_csv_rows(data: bytes) -> list[list[str]]:
     """Read CSV bytes in the canonical dialect; the header row is included."""
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline=""), **_DIALECT))
+
+
+def read_csv_dicts(data: bytes) -> list[dict[str, str]]:
+    """Read CSV bytes in the canonical dialect as one ``{column: cell}`` dict per row."""
+    header, *rows = read_csv_rows(data)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+# --- the records CSVs' column layout (SPEC §3, §8) ------------------------------
+
+TOPK_SLOTS = 20
+PURE_EXTRA = ("copy_collapse", "entropy_collapse", "is_answer", "p_top1", "p_top5", "p_answer",
+              "kl_to_final_bits", "answer_rank", "cos_to_final", "control_margin")
+"""The pure next-token CSV's columns after the shared prefix (``NextTokenRecord`` fields)."""
+RECORDS_HEADER = (
+    "prompt_id", "prompt_variant", "layer", "pos", "token", "entropy",
+    *(f"{kind}{i}" for i in range(1, TOPK_SLOTS + 1) for kind in ("top", "prob")),
+    "rest_mass",
+)
+PURE_HEADER = (*RECORDS_HEADER, *PURE_EXTRA)
+FACT_COLUMN = "fact_id"
+"""Leading column of the records CSVs when a probe has more than one fact."""
+
+
+def _prefix(r: TokenRecord) -> list[Any]:
+    cells: list[Any] = [r.prompt_id, r.variant, r.layer, r.pos, r.token, r.entropy]
+    for i in range(TOPK_SLOTS):
+        cells.extend(r.topk[i] if i < len(r.topk) else (None, None))
+    cells.append(r.rest_mass)
+    return cells
+
+
+def records_csv(records: Iterable[Record], lens: str, *, fact_column: bool = False) -> bytes:
+    """The per-position CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
+    lead = (FACT_COLUMN,) if fact_column else ()
+    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r)]
+            for r in records if isinstance(r, PositionRecord) and r.lens == lens]
+    return csv_bytes((*lead, *RECORDS_HEADER), rows)
+
+
+def pure_csv(records: Iterable[Record], lens: str, *, fact_column: bool = False) -> bytes:
+    """The pure next-token CSV of ``lens``; ``fact_column`` adds a leading ``fact_id``."""
+    lead = (FACT_COLUMN,) if fact_column else ()
+    rows = [[*((r.fact_id,) if fact_column else ()), *_prefix(r),
+             *(getattr(r, f) for f in PURE_EXTRA)]
+            for r in records if isinstance(r, NextTokenRecord) and r.lens == lens]
+    return csv_bytes((*lead, *PURE_HEADER), rows)
+
+
+# --- JSON --------------------------------------------------------------------------
 
 
 def _scalar_json(value: object) -> str:

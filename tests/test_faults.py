@@ -254,10 +254,9 @@ def _interrupted_sweep(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
 
 
 def _pure_rows(run: Run, name: str = "tiny-gpt2") -> list[dict[str, str]]:
-    from lens.writers import read_csv_rows
+    from lens.writers import read_csv_dicts
 
-    header, *rows = read_csv_rows(run.files[f"output-{name}-pure-next-token.csv"])
-    return [dict(zip(header, r, strict=True)) for r in rows]
+    return read_csv_dicts(run.files[f"output-{name}-pure-next-token.csv"])
 
 
 def _check_unresolved(run: Run) -> None:

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lens import prism_fit
+from lens.checks import check_emitter
 from lens.config import RunConfig, default_probe
-from lens.emitters import Sidecar, check_emitter
 from lens.lenses import NormLens
 from lens.model import capture, capture_batch, tokenize
 from lens.passes import OrigPass, decode_steps
@@ -398,16 +398,16 @@ def test_fit_needs_enough_prompts(tmp_path):
 def test_sidecar_emitters_conform(tiny_models, llama_prism):
     model = tiny_models["tiny-llama"]
     analysis = build_analysis(model, RunConfig(dtype="float64", prism="on", prism_dir=llama_prism))
-    (prism,) = analysis.sidecar_lenses
-    assert isinstance(prism, PrismLens)
+    logit, prism = analysis.sidecar_lenses
+    assert logit.name == "logit" and isinstance(prism, PrismLens)
     orig = OrigPass(default_probe().facts[0])
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
     ctx = orig.context(analysis, cap, ids)
     steps = list(decode_steps(ctx, prism, cap.resids))
-    sidecars = [e for e in orig.emitters(analysis) if isinstance(e, Sidecar)]
-    assert len(sidecars) == 2
-    for emitter in sidecars:
+    (route,) = [r for r in orig.routes(analysis) if r.lens is prism]
+    assert route.rows == "all" and len(route.emitters) == 2
+    for emitter in route.emitters:
         for step in (steps[0], steps[-1]):
             records = check_emitter(emitter, step)
             assert records and all(r.lens == "prism" for r in records)
@@ -420,6 +420,7 @@ def _rows(data: bytes) -> list[list[str]]:
 def _without_prism_summary(data: bytes) -> dict:
     report = json.loads(data)
     del report["diagnostics"]["prism_summary"]
+    report["diagnostics"]["lens_summaries"].pop("prism", None)
     return report
 
 
@@ -525,8 +526,8 @@ def test_bad_artifacts_with_prism_auto_are_recorded(case, llama_prism, tiny_mode
     make(llama_prism, root)
     analysis = build_analysis(tiny_models["tiny-llama"],
                               RunConfig(dtype="float64", prism="auto", prism_dir=root))
-    assert analysis.sidecar_lenses == ()
-    summary = analysis.prism_summary
+    assert [lens.name for lens in analysis.sidecar_lenses] == ["logit"]
+    summary = analysis.resolver_summaries["prism"]
     assert expected.format(dir=root / "tiny-llama") in summary["error"]
     assert "\n" not in summary["error"]
     assert summary["compatible"] is False and summary["artifact_path"] == str(root / "tiny-llama")
@@ -549,8 +550,8 @@ def test_off_ignores_even_broken_artifacts(tmp_path, llama_prism, tiny_models):
     root = tmp_path / "bad"
     _truncate("whiten.pt")(llama_prism, root)
     analysis = build_analysis(tiny_models["tiny-llama"], RunConfig(prism="off", prism_dir=root))
-    assert analysis.sidecar_lenses == ()
-    assert dict(analysis.prism_summary) == {
+    assert [lens.name for lens in analysis.sidecar_lenses] == ["logit"]
+    assert dict(analysis.resolver_summaries["prism"]) == {
         "mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
         "compatible": False, "k": None, "layers": None, "error": None}
 

@@ -22,10 +22,10 @@ from lens.probe import (
     parse_probe,
     resolve_probe,
 )
-from lens.report import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, analyse, output_files
+from lens.report import analyse, output_files
 from lens.run import main
 from lens.worker import FactProgress
-from lens.writers import read_csv_rows
+from lens.writers import FACT_COLUMN, PURE_HEADER, RECORDS_HEADER, read_csv_dicts, read_csv_rows
 
 TESTS = Path(__file__).resolve().parent
 TINY_PROBE = TESTS / "probes" / "tiny-multi.yaml"
@@ -223,8 +223,7 @@ def test_cli_batch_size_must_be_positive(run_lens):
 
 
 def _rows(data: bytes) -> list[dict[str, str]]:
-    header, *rows = read_csv_rows(data)
-    return [dict(zip(header, r, strict=True)) for r in rows]
+    return read_csv_dicts(data)
 
 
 @pytest.fixture(scope="module")

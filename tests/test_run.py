@@ -13,13 +13,14 @@ import torch
 from lens.rundir import rotate_latest
 from lens.run import main
 from lens.testing import MODELS, reproducible
-from lens.writers import read_csv_rows
+from lens.writers import read_csv_dicts
 
 DIAGNOSTIC_KEYS = {
     "type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
     "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
     "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
-    "target_prediction", "gold_alignment", "prism_summary", "last_layer_consistency",
+    "target_prediction", "gold_alignment", "prism_summary", "lens_summaries",
+    "last_layer_consistency",
     "raw_lens_check", "L_copy", "L_copy_H", "L_semantic", "delta_layers", "copy_thresh",
     "copy_window_k", "copy_match_level", "first_kl_below_0.5", "first_kl_below_1.0",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
@@ -33,8 +34,7 @@ CONSISTENCY_KEYS = {"kl_to_final_bits", "top1_agree", "p_top1_lens", "p_top1_mod
 
 
 def _rows(data: bytes) -> list[dict[str, str]]:
-    header, *rows = read_csv_rows(data)
-    return [dict(zip(header, r, strict=True)) for r in rows]
+    return read_csv_dicts(data)
 
 
 def check_outputs(files: dict[str, bytes], name: str) -> dict:

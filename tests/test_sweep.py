@@ -21,15 +21,15 @@ from lens.run import main
 from lens.sweep import PRESETS, SUMMARY_COLUMNS, model_list, read_models_file, run_sweep, worker_argv
 from lens.worker import run_one
 from lens.testing import REPO, reproducible
-from lens.writers import read_csv_rows
+from lens.writers import read_csv_dicts, read_csv_rows
 
 ERROR_KEYS = ["model", "stage", "error_class", "message"]
 
 
 def _summary(out: Path) -> list[dict[str, str]]:
-    header, *rows = read_csv_rows((out / "summary.csv").read_bytes())
-    assert tuple(header) == SUMMARY_COLUMNS
-    return [dict(zip(header, r, strict=True)) for r in rows]
+    data = (out / "summary.csv").read_bytes()
+    assert tuple(read_csv_rows(data)[0]) == SUMMARY_COLUMNS
+    return read_csv_dicts(data)
 
 
 def _visible(out: Path) -> dict[str, bytes]:

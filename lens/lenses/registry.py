@@ -1,0 +1,83 @@
+"""The lens registry: ``--lenses`` names → resolvers.
+
+Adding a lens is a ``Lens`` subclass plus one line in ``LENSES``: a lens that
+needs nothing fitted registers ``TheLens.resolve``; a fitted one registers
+``fitted(module, function)``, a resolver of ``resolve_prism``'s shape
+(``function(config, *, name=…, d_model=…, unembed=…, norms=…) -> object with
+.lens and .summary``) imported only when the lens is chosen. Its
+``auto|on|off`` mode lives in the run config (``--prism``, ``--tuned``): a
+fitted lens without usable artifacts is skipped, and its summary says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+
+from lens.errors import LensError
+from lens.lenses.base import LensParts, Resolution
+from lens.lenses.logit import LogitLens
+from lens.lenses.raw import RawLens
+
+Resolver = Callable[[LensParts], Resolution]
+
+
+def fitted(module: str, function: str) -> Resolver:
+    """The resolver ``module.function``, imported on first use and given the parts it names.
+
+    The function takes the run config first, then keyword arguments among
+    ``LensParts``' fields and properties (``name``, ``model``, ``d_model``,
+    ``n_layers``, ``unembed``, ``norms``); it is passed exactly those it declares.
+    """
+    def resolve(parts: LensParts) -> Resolution:
+        try:
+            target = getattr(importlib.import_module(module), function)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            return Resolution(None)  # not part of this installation: nothing to decode or say
+        wanted = [p for p in inspect.signature(target).parameters.values()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        got = target(parts.config, **{p.name: getattr(parts, p.name) for p in wanted
+                                       if hasattr(parts, p.name)})
+        return Resolution(got.lens, got.summary)
+
+    resolve.__qualname__ = f"fitted({module}.{function})"
+    return resolve
+
+
+LENSES: dict[str, Resolver] = {
+    "logit": LogitLens.resolve,
+    "tuned": fitted("lens.tuned", "resolve_tuned"),
+    "prism": fitted("lens.prism", "resolve_prism"),
+    "raw": RawLens.resolve,
+}
+"""Every sidecar lens ``--lenses`` can name, in the order the README lists them."""
+
+PRIMARY = "norm"
+"""The primary lens, always decoded; its files never change (not a sidecar)."""
+
+
+def check_lens_names(names: Sequence[str]) -> None:
+    """Refuse unknown, duplicate or primary names with one line naming the choices."""
+    known = ", ".join(LENSES)
+    for name in names:
+        if name == PRIMARY:
+            raise LensError(f"--lenses: {PRIMARY!r} is the primary lens and always runs; "
+                            f"name only sidecar lenses ({known})")
+        if name not in LENSES:
+            raise LensError(f"--lenses: unknown lens {name!r}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise LensError(f"--lenses names a lens twice: {','.join(names)}")
+
+
+def resolve_lenses(names: Sequence[str], parts: LensParts) -> dict[str, Resolution]:
+    """Resolve the chosen sidecar lenses in the given order (settled before any pass runs)."""
+    check_lens_names(names)
+    resolved = {name: LENSES[name](parts) for name in names}
+    for name, res in resolved.items():
+        if res.lens is not None and res.lens.name != name:
+            raise ValueError(f"the resolver registered as {name!r} built a {res.lens.name!r} lens")
+    return resolved
+
