@@ -13,7 +13,7 @@ What a run cannot avoid, on the same model, in a fresh process:
   and ctl/orig (their next-token records only): norm, ``@ W_U (+ b_U)``,
   log-softmax and top-20, chunked at the run's ``lens.passes.CHUNK_ELEMENTS``
   logits per matmul. ``--sidecar`` decodes the same rows once more through the
-  final norm (the logit-lens sidecar's decode).
+  final norm: the logit-lens sidecar, which ``python -m lens.run`` decodes by default.
 
 It computes no entropy, metric or record and writes nothing: everything else
 a run does counts as its overhead. ``benchmarks/whole.py`` times this script

@@ -1,6 +1,6 @@
 """Whole-process benchmark: ``python -m lens.run`` against the floor script, in pairs.
 
-    python benchmarks/whole.py [--pairs 5] [--model MODEL] [--threads N] [--sidecar LENS]
+    python benchmarks/whole.py [--pairs 5] [--model MODEL] [--threads N] [--no-sidecar]
 
 Each pair runs (A) ``python -m lens.run MODEL --out_dir <fresh dir>`` and
 (B) ``python benchmarks/floor.py MODEL`` as whole processes, one after the
@@ -55,7 +55,7 @@ def run_lens(model: str, env: dict[str, str], lenses: str | None) -> tuple[float
     out = Path(tempfile.mkdtemp(prefix="lens-whole-"))
     try:
         cmd = [sys.executable, "-m", "lens.run", model, "--out_dir", str(out / "run")]
-        if lenses:
+        if lenses is not None:
             cmd += ["--lenses", lenses]
         seconds, _ = timed(cmd, env)
         timings = json.loads(next((out / "run").glob("*-timings.json")).read_text())
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both")
-    p.add_argument("--sidecar", default=None, metavar="LENS",
-                   help="run lens.run with --lenses norm,LENS and the floor with --sidecar")
+    p.add_argument("--no-sidecar", action="store_true",
+                   help="run lens.run with --lenses '' (no sidecar) and the floor without the "
+                        "logit lens' decode (default: the run's default lenses, whose logit "
+                        "sidecar the floor decodes too)")
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = p.parse_args(argv)
     if args.pairs < 1:
@@ -89,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    lenses = f"norm,{args.sidecar}" if args.sidecar else None
+    lenses = "" if args.no_sidecar else None
     floor_cmd = [sys.executable, str(REPO / "benchmarks" / "floor.py"), args.model,
-                 "--device", args.device, *(["--sidecar"] if args.sidecar else [])]
+                 "--device", args.device, *([] if args.no_sidecar else ["--sidecar"])]
     header = machine()
     print(header, file=sys.stderr)
     timed(floor_cmd, env)  # warm-up: page cache, the embedded model's dequantized cache
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         header,
         f"model {args.model}, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '(unset)')}, "
         f"{args.pairs} pairs (A = python -m lens.run, B = benchmarks/floor.py)"
-        + (f", sidecar {args.sidecar}" if args.sidecar else ""),
+        + (", no sidecar lens" if args.no_sidecar else ", default lenses (logit sidecar)"),
         f"  lens.run  median {med(r[0] for r in runs):7.2f} s  "
         f"[{' '.join(f'{r[0]:.2f}' for r in runs)}]",
         f"  floor     median {med(f[0] for f in floors):7.2f} s  "

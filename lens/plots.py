@@ -96,17 +96,12 @@ def _style() -> Any:
 
 def _cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: float,
                  transform: Any) -> Any:
-    """Every cell's label as ONE collection of glyph outlines, centred on its cell.
+    """Cell labels ``(x, y, label, colour)`` (data coordinates) as ONE collection of outlines.
 
-    One ``Text`` artist per cell (hundreds per heatmap) costs a layout and a
-    glyph rendering each, most of a heatmap's time; one ``PathCollection``
-    draws them in a single call. Each distinct label is converted to a path
-    once, without mathtext (token text is never LaTeX).
-
-    Args:
-        cells: ``(x, y, label, colour)`` with ``x, y`` in data coordinates.
-        fontsize: In points (the font family and the rest come from the style).
-        transform: Data → display transform of the axes (the cells' offsets).
+    A ``Text`` artist per cell (hundreds per heatmap) costs a layout and a glyph
+    rendering each, most of a heatmap's time; one ``PathCollection`` draws them
+    in one call. Each distinct label becomes a path once, without mathtext.
+    ``transform`` places the cells (the axes' data transform).
     """
     from matplotlib.collections import PathCollection
     from matplotlib.font_manager import FontProperties
@@ -116,22 +111,21 @@ def _cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: fl
 
     prop = FontProperties()  # outlines come in text_to_path.FONT_SCALE units, scaled below
     line = MplPath(*text_to_path.get_text_path(prop, "lp")).get_extents()
-    middle = (line.y0 + line.y1) / 2  # one baseline for every label, centred like va="center"
+    middle = (line.y0 + line.y1) / 2  # one baseline for all labels, centred like va="center"
     shapes: dict[str, Any] = {}
     for _, _, label, _ in cells:
         if label not in shapes:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # missing glyphs for exotic token text
                 path = MplPath(*text_to_path.get_text_path(prop, label))
-            box = path.get_extents() if len(path.vertices) else None
-            width = (box.x0 + box.x1) / 2 if box is not None else 0.0
-            shapes[label] = path.transformed(Affine2D().translate(-width, -middle))
+            centre = sum(path.get_extents().intervalx) / 2 if len(path.vertices) else 0.0
+            shapes[label] = path.transformed(Affine2D().translate(-centre, -middle))
     return PathCollection(
         [shapes[label] for _, _, label, _ in cells],
         offsets=[(x, y) for x, y, _, _ in cells], offset_transform=transform,
         transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72),
-        facecolors=[c for *_, c in cells],
-        edgecolors="none", linewidths=0, snap=False)  # snapping would erase thin strokes ("-")
+        facecolors=[c for *_, c in cells], edgecolors="none", linewidths=0,
+        snap=False)  # snapping would erase thin strokes ("-")
 
 
 def display_token(text: str, limit: int = CELL_CHARS) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from lens import summaries
 from lens.aggregate import FactRecords, aggregate_report
+from lens.batched import run_passes
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
@@ -121,7 +122,9 @@ def _norm_name(spec: Any) -> str:
 
 def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
                timer: StageTimer | None = None) -> list[PassResult]:
-    """Run a chunk of passes: one forward each when alone, one padded forward when several."""
+    """Run a chunk of passes: one forward each when alone; when several, one padded forward
+    and each lens's rows of every pass decoded together (``lens.batched.run_passes``,
+    timed as ``passes/batched``)."""
     def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
         return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
 
@@ -134,6 +137,13 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
             except LensError as exc:
                 raise named(fact, p, exc) from exc
         caps = list(capture_batch(analysis.model, ids))
+        try:
+            with maybe_stage(timer, "passes/batched"):
+                return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps,
+                                                                            strict=True)],
+                                  timer=timer)
+        except LensError:
+            pass  # run them one by one below, so that the error names its fact and pass
     results = []
     for (fact, p), cap in zip(chunk, caps, strict=True):
         try:
