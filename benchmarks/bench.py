@@ -49,15 +49,14 @@ sys.path.insert(0, str(REPO))  # this checkout's lens, not whatever is installed
 import torch  # noqa: E402
 
 import lens  # noqa: E402
-
 from lens.config import Fact, RunConfig, default_probe  # noqa: E402
 from lens.embedded import EMBEDDED_ID, embedded_model_dir, is_embedded  # noqa: E402
 from lens.model import LoadedModel, capture, head_logits, load_model, tokenize  # noqa: E402
 from lens.passes import CHUNK_ELEMENTS, passes_for  # noqa: E402
 from lens.report import analyse, output_files  # noqa: E402
-from lens.worker import evaluation_stub, timings_file  # noqa: E402
 from lens.timing import StageTimer  # noqa: E402
 from lens.unembed import analysis_dtype, unembed_dtype  # noqa: E402
+from lens.worker import evaluation_stub, timings_file  # noqa: E402
 from lens.writers import json_bytes, write_atomic  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))

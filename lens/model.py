@@ -316,7 +316,7 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
 
 def _padded(model: LoadedModel, batch: Sequence[Sequence[int]],
             padding_side: str) -> tuple[Tensor, Tensor, list[slice]]:
-    """Token ids and 2-D attention mask of ``batch`` padded to its longest prompt, and each row's span."""
+    """Token ids and 2-D attention mask of ``batch`` padded to its longest prompt, row spans."""
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     width = max(len(ids) for ids in batch)

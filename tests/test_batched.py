@@ -45,7 +45,8 @@ def test_passes_run_together_equal_each_pass_run_alone(tiny_models, name):
     kinds = set()
     for (p, cap), result in zip(chunk, together, strict=True):
         alone = p.run(analysis, cap)
-        assert result.ctx.prompt_id == p.prompt_id and result.non_finite_layer == alone.non_finite_layer
+        assert result.ctx.prompt_id == p.prompt_id
+        assert result.non_finite_layer == alone.non_finite_layer
         assert len(result.records) == len(alone.records)
         for got, want in zip(result.records, alone.records, strict=True):
             assert type(got) is type(want)

@@ -39,4 +39,4 @@ def test_whole_process_benchmark_runs_on_a_tiny_model(tmp_path):
     assert len(result["ratios"]) == 1 and result["ratio"] > 0
     (_, timings), = result["runs"]
     assert timings["write"] > 0 and result["floors"][0][1]["decode"] > 0
-    assert 0 < result["loads"]["second"]
+    assert result["loads"]["second"] > 0
