@@ -192,7 +192,7 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
         ax.set_yticks(range(n_layers + 1))
         ax.set_xlabel("input position (token)" + (f", last {len(cols)} of {n_pos}" if first else ""))
         ax.set_ylabel("layer")
-        ax.set_title(title, parse_math=False)
+        ax.set_title(title, parse_math=False, y=1.0)  # fixed y: no auto-placement pass
         cax = fig.add_axes(((width - m["right"] + 16) / width, m["bottom"] / height,
                             14 / width, (n_layers + 1) * CELL_H / height))
         fig.colorbar(image, cax=cax, label="entropy (bits)")
@@ -268,7 +268,7 @@ def _panels(fig: Any, xlabel: str, *, integer_x: bool) -> list[Any]:
                                            "bottom": 0.16, "hspace": 0.28, "wspace": 0.18})
     flat = list(axes.flat)
     for ax, (_, label, scale) in zip(flat, PANELS, strict=True):
-        ax.set_title(label)
+        ax.set_title(label, y=1.0)  # fixed y: skips the tight-bbox auto-placement
         ax.set_yscale(scale)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
