@@ -8,7 +8,9 @@ process and reports facts per second over the run's own analysis and writing
 process's CPU seconds (all threads; less sensitive to other processes' load
 than wall time). ``--facts N`` generates an N-fact probe by cycling the
 built-in ``capitals`` facts under fresh ids (the same prompts, so the same
-work per fact). Pass ``--threads`` to set ``OMP_NUM_THREADS``.
+work per fact). ``--threads`` sets ``OMP_NUM_THREADS``; ``--lenses ''`` runs
+without sidecar lenses (a default run decodes the logit lens at every
+position too, doubling the per-position work of a probe).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS")
     p.add_argument("--no-plots", action="store_true", help="pass --no-plots to the run")
+    p.add_argument("--lenses", default=None,
+                   help="pass --lenses to the run ('' = no sidecar lens; default: the run's)")
     args = p.parse_args(argv)
     env = dict(os.environ)
     if args.threads:
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         probe = str(generated_probe(args.facts, tmp / "probe.json")) if args.facts else args.probe
         cmd = [sys.executable, "-m", "lens.run", args.model, "--probe", probe, "--quiet",
-               "--out_dir", str(tmp / "run"), *(["--no-plots"] if args.no_plots else [])]
+               "--out_dir", str(tmp / "run"), *(["--no-plots"] if args.no_plots else []),
+               *(["--lenses", args.lenses] if args.lenses is not None else [])]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
