@@ -5,8 +5,8 @@
 In one process, on the same loaded model, it measures
 
 (a) the floor: the irreducible work of a run. The three passes' forwards with
-    residual capture (``lens.model.capture``), the 14 head-probe forwards the
-    report makes (``lens.model.head_logits``), and ONE batched norm-lens decode
+    residual capture (``lens.model.capture``), the test prompts as ONE padded
+    head forward (``lens.model.head_logits``), and ONE batched norm-lens decode
     of exactly the residuals the run decodes (every layer × every position of
     every pass): norm, ``@ W_U (+ b_U)``, log-softmax, top-20, chunked at the
     same logits budget as the run (``lens.passes.CHUNK_ELEMENTS``).
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -41,9 +39,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +49,6 @@ sys.path.insert(0, str(REPO))  # this checkout's lens, not whatever is installed
 import torch  # noqa: E402
 
 import lens  # noqa: E402
-
 from lens.config import Fact, RunConfig, default_probe  # noqa: E402
 from lens.embedded import EMBEDDED_ID, embedded_model_dir, is_embedded  # noqa: E402
 from lens.model import LoadedModel, capture, head_logits, load_model, tokenize  # noqa: E402
@@ -65,101 +61,14 @@ from lens.timing import StageTimer  # noqa: E402
 from lens.unembed import analysis_dtype, unembed_dtype  # noqa: E402
 from lens.writers import json_bytes, write_atomic  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from benchsupport import build_wide_model, peak_beyond  # noqa: E402
+
 TARGET_RATIO = 1.5
 TARGET_LOAD_S = 5.0
 TARGET_MEMORY = 2.0
 TOPK = 20
 MB = 1 << 20
-
-
-# --- the synthetic wide-vocabulary model ------------------------------------------------
-
-def build_wide_model(dest: Path, *, layers: int, d_model: int, vocab: int, heads: int = 8,
-                     intermediate: int = 1376, seed: int = 316) -> Path:
-    """A random Llama-style model whose tokenizer covers the probe, padded to ``vocab`` tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    sys.path.insert(0, str(REPO / "tests" / "models"))
-    from make_tiny_models import vocabulary
-
-    words = vocabulary()
-    if vocab < len(words):
-        raise SystemExit(f"--wide-vocab must be at least {len(words)}")
-    pieces = words + [f"x{i:06d}" for i in range(vocab - len(words))]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(pieces)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", model_max_length=256)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=d_model, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(dest, safe_serialization=True)
-    hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(dest)
-    (dest / "generation_config.json").unlink(missing_ok=True)
-    return dest
-
-
-# --- memory -------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def peak_beyond(fn: Callable[[], object]) -> tuple[int, str]:
-    """Peak resident bytes that ``fn()`` adds to the process, and how it was measured.
-
-    Frees what the allocator holds, resets the kernel's RSS high-water mark
-    (``/proc/self/clear_refs``), runs ``fn`` and reads ``VmHWM``. Without
-    ``clear_refs``, a thread samples ``VmRSS`` every millisecond instead.
-    """
-    gc.collect()
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_kb("VmRSS")
-        fn()
-        return (_status_kb("VmHWM") - base) * 1024, "VmHWM"
-    except OSError:
-        pass
-    base = _status_kb("VmRSS")
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _status_kb("VmRSS"))
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return (peak[0] - base) * 1024, "VmRSS sampled every 1 ms"
 
 
 # --- (a) the floor and (b) the full run -----------------------------------------------------
@@ -186,9 +95,8 @@ def floor_run(model: LoadedModel, fact: Fact, config: RunConfig) -> dict[str, fl
     with torch.no_grad():
         with _timed(times, "capture forwards"):
             resids = [capture(model, tokenize(model, p.prompt())).resids for p in passes_for(fact)]
-        with _timed(times, "head-probe forwards"):
-            for prompt in fact.test_prompts:
-                head_logits(model, tokenize(model, prompt))
+        with _timed(times, "head-probe forward (one batch)"):
+            head_logits(model, [tokenize(model, prompt) for prompt in fact.test_prompts])
         udtype = unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed)
         adtype = analysis_dtype(model.dtype)
         W = model.W_U.to(udtype)
@@ -239,7 +147,7 @@ def full_run(model: LoadedModel, config: RunConfig, out_root: Path) -> dict[str,
         "decode (norm, matmul, softmax, entropy, top-k)": decode_s,
         "emitters (records)": emit_s,
         "passes, other (tokenize, gold, context)": passes - capture_s - decode_s - emit_s,
-        "head probes (14 forwards)": head_s,
+        "head probes (one padded forward)": head_s,
         "report, other (summaries, temperatures)": timer.seconds("analyse") - passes - head_s,
         "serialise (CSV/JSON bytes)": timer.seconds("serialise"),
         "write (atomic files)": timer.seconds("write"),
@@ -379,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')} (lens from {Path(lens.__file__).parent})",
         f"passes: {', '.join(f'{n} {s} tokens' for n, s in zip(names, seqs, strict=True))}; "
         f"decoded residuals: {layers} layers x {sum(seqs)} positions = {rows} rows "
-        f"({gflop:.1f} GFLOP through W_U); {len(fact.test_prompts)} head-probe forwards",
-        "floor (a): the 3 forwards with residual capture + the 14 head-probe forwards",
+        f"({gflop:.1f} GFLOP through W_U); {len(fact.test_prompts)} test prompts, one forward",
+        "floor (a): the 3 forwards with residual capture + the test prompts as one batch",
         f"           + ONE batched norm-lens decode of those {rows} residuals (norm, matmul",
         f"           with W_U, log-softmax, top-{TOPK}), chunked at the run's 2^25 logits per matmul",
         "full  (b): lens.report.analyse (3 passes, every emitter, head probes, report)",

@@ -299,13 +299,26 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         One ``Capture`` per prompt: head logits (len_i, d_vocab) and residuals
         (n_layers + 1, len_i, d_model), copied out of the batch tensors.
     """
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not batch:
         return []
+    tokens, mask, spans = _padded(model, batch, padding_side)
+    logits, resids = _forward(model, tokens.to(model.device), mask.to(model.device))
+    return [
+        Capture(head_logits=logits[row, span].clone(), resids=resids[:, row, span].clone())
+        for row, span in enumerate(spans)
+    ]
+
+
+def _padded(model: LoadedModel, batch: Sequence[Sequence[int]],
+            padding_side: str) -> tuple[Tensor, Tensor, list[slice]]:
+    """Token ids and 2-D attention mask of ``batch`` padded to its longest prompt, row spans."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     width = max(len(ids) for ids in batch)
-    pad = model.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
+    # Padding is masked out, so any id the embedding has will do; a pad token added to
+    # the tokenizer after training may lie past the embedding's rows.
+    pad = next(int(t) for t in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, 0)
+               if t is not None and 0 <= int(t) < model.d_vocab)
     tokens = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     spans = []
@@ -314,24 +327,35 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         tokens[row, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         mask[row, start:start + len(ids)] = 1
         spans.append(slice(start, start + len(ids)))
-    logits, resids = _forward(model, tokens.to(model.device), mask.to(model.device))
-    return [
-        Capture(head_logits=logits[row, span].clone(), resids=resids[:, row, span].clone())
-        for row, span in enumerate(spans)
-    ]
+    return tokens, mask, spans
 
 
-def head_logits(model: LoadedModel, ids: list[int]) -> Tensor:
-    """(d_vocab,) the model's own logits at the last position of ``ids``.
+def head_logits(model: LoadedModel, batch: Sequence[Sequence[int]]) -> Tensor:
+    """(len(batch), d_vocab) the model's own logits at each prompt's last position.
 
-    Asks the model for the last position's logits only (``logits_to_keep=1``)
-    where its forward takes that argument: the other positions' unembeddings
-    are never read, and with a wide vocabulary they cost as much as the blocks.
+    All prompts run in ONE right-padded forward (as ``capture_batch``: each
+    prompt keeps positions ``0..len-1`` and never attends to the padding after
+    it), so a row equals that prompt's single forward up to float rounding.
+    Where the model's forward takes ``logits_to_keep``, it is asked for each
+    row's last position only (a ``(batch, 1)`` tensor of positions): the other
+    positions' unembeddings are never read, and with a wide vocabulary they
+    cost as much as the blocks.
     """
-    extra = {"logits_to_keep": 1} if _keeps_logits(model.hf_model) else {}
-    with torch.no_grad(), model_precision(model.dtype):
-        logits = model.hf_model(input_ids=torch.tensor([ids], device=model.device), **extra).logits
-    return logits[0, -1].detach().to(model.device)
+    if not batch:
+        return torch.empty((0, model.d_vocab), device=model.device)
+    tokens, mask, spans = _padded(model, batch, "right")
+    last = torch.tensor([[span.stop - 1] for span in spans], device=model.device)
+
+    def forward(**extra: Any) -> Tensor:
+        with torch.no_grad(), model_precision(model.dtype):
+            return model.hf_model(input_ids=tokens.to(model.device),
+                                  attention_mask=mask.to(model.device), **extra).logits
+
+    logits = forward(logits_to_keep=last) if _keeps_logits(model.hf_model) else None
+    if logits is None or tuple(logits.shape[:2]) != (len(batch), 1) or logits.ndim != 3:
+        logits = forward()  # every position, then each row's last (a forward that slices otherwise)
+        logits = torch.take_along_dim(logits, last[..., None].to(logits.device), dim=1)
+    return logits[:, 0].detach().to(model.device)
 
 
 def _keeps_logits(hf_model: Any) -> bool:
@@ -352,6 +376,10 @@ def tokenize(model: LoadedModel, prompt: str) -> list[int]:
         ids.insert(0, int(bos))
     if not ids or (len(ids) == 1 and ids[0] == bos):
         raise LensError(f"prompt {prompt!r} tokenises to nothing; give a prompt with text in it")
+    if max(ids) >= model.d_vocab:
+        raise LensError(f"prompt {prompt!r} tokenises to id {max(ids)} but {model.name} has only "
+                        f"{model.d_vocab} embedding rows: the tokenizer does not belong to these "
+                        "weights; save the model's own tokenizer beside them")
     if len(ids) > model.n_ctx:
         raise LensError(f"prompt has {len(ids)} tokens but {model.name} takes at most "
                         f"{model.n_ctx}; shorten the prompt")

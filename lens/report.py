@@ -14,6 +14,7 @@ import torch
 
 from lens import summaries
 from lens.aggregate import FactRecords, aggregate_report
+from lens.batched import run_passes
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
@@ -109,7 +110,9 @@ def _norm_name(spec: Any) -> str:
 
 def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
                timer: StageTimer | None = None) -> list[PassResult]:
-    """Run a chunk of passes: one forward each when alone, one padded forward when several."""
+    """Run a chunk of passes: one forward each when alone; when several, one padded forward
+    and each lens's rows of every pass decoded together (``lens.batched.run_passes``,
+    timed as ``passes/batched``)."""
     def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
         return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
 
@@ -122,6 +125,13 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
             except LensError as exc:
                 raise named(fact, p, exc) from exc
         caps = list(capture_batch(analysis.model, ids))
+        try:
+            with maybe_stage(timer, "passes/batched"):
+                return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps,
+                                                                            strict=True)],
+                                  timer=timer)
+        except LensError:
+            pass  # run them one by one below, so that the error names its fact and pass
     results = []
     for (fact, p), cap in zip(chunk, caps, strict=True):
         try:
@@ -252,10 +262,10 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
     head = orig.ctx.head_logits
     report["final_prediction"] = _head_entry("final_prediction", table, head, 20, dtype)
     with maybe_stage(timer, "head_probes"):
+        tests = head_logits(model, [tokenize(model, p) for p in fact.test_prompts])
         report["test_prompts"] = [
-            _head_entry("test_prompt", table, head_logits(model, tokenize(model, p)), 10, dtype,
-                        prompt=p)
-            for p in fact.test_prompts
+            _head_entry("test_prompt", table, logits, 10, dtype, prompt=p)
+            for p, logits in zip(fact.test_prompts, tests, strict=True)
         ]
     report["temperature_exploration"] = [
         _head_entry("temperature_exploration", table, head / t, 15, dtype, temperature=t)

@@ -51,7 +51,9 @@ def check_loaded(model_id: str, tokenizer: Any, hf_model: Any) -> None:
     """Tokenizer ids fit the embedding; no weight is all NaN/Inf, no norm weight has any."""
     embeddings = hf_model.get_input_embeddings() if hf_model is not None else None
     if embeddings is not None and tokenizer is not None:
-        rows, n_ids = int(embeddings.weight.shape[0]), len(tokenizer)
+        # The base vocabulary, not len(tokenizer): special tokens added after training
+        # may lie past the embedding and are never produced from text (tokenize checks).
+        rows, n_ids = int(embeddings.weight.shape[0]), int(tokenizer.vocab_size)
         if n_ids > rows:
             raise LensError(f"the tokenizer of {model_id} has {n_ids} ids but its embedding only "
                             f"{rows} rows: the tokenizer does not belong to these weights; save "

@@ -213,7 +213,7 @@ def _end_to_end(model: LoadedModel, family: Family, run_lens: Callable[..., tupl
     assert diagnostics["gold_alignment"] == "ok"
     assert report["gold_answer"]["first_id"] is not None
     assert model.tokenizer.decode([report["gold_answer"]["first_id"]]).strip() == "Berlin"
-    raw = diagnostics["raw_lens_check"]
+    raw = report["raw_lens_check"]
     assert raw["samples"] and raw["summary"]["max_kl_norm_vs_raw_bits"] > 0
     expected = {"pre_norm": "using_next_ln1_then_ln_final", "post_norm": "using_same_block_ln2",
                 "sublayer_norm": "using_ln_final_no_pre_norm_in_blocks"}[family.shape]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lens.config import RunConfig
+from lens.model import capture, capture_batch, head_logits, load_model, tokenize
 from lens.records import NextTokenRecord, PositionRecord
-from lens.model import capture, capture_batch, load_model, tokenize
 from lens.passes import passes_for
 from lens.probe import default_probe, load_probe
 from lens.outputs import run_files as output_files
@@ -84,6 +84,37 @@ def test_pass_results_from_a_batch_equal_single_prompt_results(tiny_models, name
                 if a.p_answer is not None:
                     assert abs(b.p_answer - a.p_answer) < TOL
                 assert abs(b.kl_to_final_bits - a.kl_to_final_bits) < TOL
+
+
+@pytest.mark.parametrize("keeps_logits", [True, False])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_head_logits_of_a_padded_batch_equal_each_prompt_alone(request, monkeypatch, name, dtype,
+                                                               keeps_logits):
+    """One padded forward for the head probes: each row is that prompt's last-position logits
+    from its own forward (tightly) and from plain ``transformers`` (within 1e-5: the bridge's
+    rotary numerics differ from HF's by ~1e-6 in float64), with ``logits_to_keep`` and without."""
+    from transformers import AutoModelForCausalLM
+
+    import lens.model
+
+    model = _models(request, dtype)[name]
+    if not keeps_logits:
+        monkeypatch.setattr(lens.model, "_keeps_logits", lambda bridge: False)
+    batch = [tokenize(model, p) for p in PROMPTS]
+    rows = head_logits(model, batch)
+    assert rows.shape == (len(PROMPTS), model.d_vocab)
+    hf = AutoModelForCausalLM.from_pretrained(REPO / "tests" / "models" / name,
+                                              dtype=getattr(torch, dtype)).eval()
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    for ids, row in zip(batch, rows, strict=True):
+        alone = capture(model, ids).head_logits[-1]
+        scale = float(alone.abs().max())
+        assert torch.allclose(row, alone, rtol=0, atol=tol * scale)
+        with torch.no_grad():
+            plain = hf(torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(row, plain, rtol=0, atol=1e-5 * scale)
+    assert head_logits(model, []).shape == (0, model.d_vocab)
 
 
 def test_capture_batch_rejects_a_bad_side(tiny_models):

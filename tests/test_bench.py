@@ -23,3 +23,20 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     result = json.loads(out.read_text())
     assert result["ratio"] > 0 and len(result["floor"]) == len(result["full"]) == 1
     assert result["load"]["fresh"][0]["load"] > 0
+
+
+def test_whole_process_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/whole.py runs lens.run and the floor script in pairs and reports their ratio."""
+    out = tmp_path / "whole.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/whole.py", "--pairs", "1", "--model", "tests/models/tiny-gpt2",
+         "--device", "cpu", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio A/B median of pairs = " in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["ratios"]) == 1 and result["ratio"] > 0
+    (_, timings), = result["runs"]
+    assert timings["write"] > 0 and result["floors"][0][1]["decode"] > 0
+    assert result["loads"]["second"] > 0

@@ -1,0 +1,82 @@
+"""Passes decoded together (lens.batched) give each pass's own records, within one pass's memory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lens.batched import decode_many, run_passes
+from lens.config import RunConfig
+from lens.model import capture_batch
+from lens.passes import passes_for
+from lens.probe import load_probe
+from lens.records import record_values
+from lens.report import build_analysis
+from lens.testing import TINY_MODELS
+
+TINY_PROBE = Path(__file__).resolve().parent / "probes" / "tiny-multi.yaml"
+
+
+def _chunk(model, analysis):  # type: ignore[no-untyped-def]
+    passes = [p for fact in load_probe(TINY_PROBE).facts for p in passes_for(fact)]
+    caps = capture_batch(model, [p.token_ids(analysis) for p in passes])
+    return list(zip(passes, caps, strict=True))
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12 * (1 + abs(b))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_passes_run_together_equal_each_pass_run_alone(tiny_models, name):
+    """Same records, same order, same numbers (float64, to 1e-12) as ``Pass.run`` per pass."""
+    model = tiny_models[name]
+    analysis = build_analysis(model, RunConfig(dtype="float64", lenses=("logit",)))
+    chunk = _chunk(model, analysis)
+    assert len({cap.resids.shape[1] for _, cap in chunk}) > 1  # padded rows of several widths
+    together = run_passes(analysis, chunk)
+    assert len(together) == len(chunk)
+    kinds = set()
+    for (p, cap), result in zip(chunk, together, strict=True):
+        alone = p.run(analysis, cap)
+        assert result.ctx.prompt_id == p.prompt_id
+        assert result.non_finite_layer == alone.non_finite_layer
+        assert len(result.records) == len(alone.records)
+        for got, want in zip(result.records, alone.records, strict=True):
+            assert type(got) is type(want)
+            kinds.add((type(got).__name__, got.lens))
+            got_v, want_v = record_values(got), record_values(want)
+            assert got_v.keys() == want_v.keys()
+            for key in want_v:
+                assert _close(got_v[key], want_v[key]), (p.prompt_id, p.variant, key)
+    assert {("PositionRecord", "norm"), ("NextTokenRecord", "norm"), ("NextTokenRecord", "raw"),
+            ("PositionRecord", "logit")} <= kinds
+
+
+def test_a_shared_chunk_holds_at_most_a_third_of_one_pass(tiny_models):
+    """Many passes' rows share a matmul, but a chunk stays within a third of one pass's logits."""
+    model = tiny_models["tiny-llama"]
+    analysis = build_analysis(model, RunConfig(dtype="float64"))
+    chunk = _chunk(model, analysis)
+    widest = max(cap.resids.shape[1] for _, cap in chunk)
+    layers = model.n_layers + 1
+    bound = math.ceil(layers / 3) * widest * model.d_vocab
+    for rows in ("all", "last"):
+        items = [(p.context(analysis, cap, p.token_ids(analysis)),
+                  cap.resids if rows == "all" else cap.resids[:, -1:]) for p, cap in chunk]
+        seen = {i: [] for i in range(len(items))}
+        shared = False
+        for i, step in decode_many(items, analysis.lens, widest=widest):
+            seen[i].append(step.layer)
+            assert step.logits.shape[0] == items[i][1].shape[1]
+            assert step.logits._base.numel() <= bound
+            shared |= step.logits._base.shape[1] > step.logits.shape[0]
+        assert all(layer_order == list(range(layers)) for layer_order in seen.values())
+        assert shared  # rows of several passes went through one matmul
+
