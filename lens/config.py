@@ -13,6 +13,7 @@ __all__ = ["Control", "Fact", "Probe", "RunConfig", "default_probe", "parse_prob
 
 RAW_LENS_MODES = ("off", "sample", "full")
 PRISM_MODES = ("auto", "on", "off")
+TUNED_MODES = PRISM_MODES
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float64", "float16", "bfloat16")
 SEED = 316
@@ -35,6 +36,10 @@ class RunConfig:
     dtype: str = "auto"
     prism: str = "auto"
     prism_dir: Path | None = None
+    tuned: str = "auto"
+    """Tuned-lens sidecar: ``auto`` uses compatible artifacts, ``on`` requires them, ``off``."""
+    tuned_dir: Path = Path("tuned")
+    """Tuned-lens artifacts root: ``<tuned_dir>/<name>/`` (``lens.tuned``)."""
     keep_residuals: bool = False
     device_map: str | None = None
     """Passed to the bridge for models larger than one GPU: ``auto``, ``balanced``… or a JSON map."""
@@ -57,6 +62,7 @@ class RunConfig:
         for value, allowed, flag in (
             (self.raw_lens, RAW_LENS_MODES, "--raw-lens"),
             (self.prism, PRISM_MODES, "--prism"),
+            (self.tuned, TUNED_MODES, "--tuned"),
             (self.device, DEVICES, "--device"),
             (self.dtype, DTYPES, "--dtype"),
         ):

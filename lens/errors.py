@@ -15,3 +15,13 @@ class LensError(Exception):
         if "\n" in message:
             message = " ".join(message.split())
         super().__init__(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (just ``Type`` when the message is empty).
+
+    Library exceptions often carry pages of context; a user-facing line keeps the
+    exception's type (what went wrong) and its first line (where).
+    """
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__

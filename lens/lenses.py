@@ -60,3 +60,20 @@ class RawLens(Lens):
 
     def transform(self, resid: Tensor, layer: int) -> Tensor:
         return resid
+
+
+class LogitLens(Lens):
+    """The standard logit lens: the model's final norm on every layer's residual, then the head.
+
+    What TransformerLens' ``accumulated_resid(apply_ln=True)`` and tuned-lens's
+    ``LogitLens`` decode, and the tuned lens with every translator at zero.
+    """
+
+    name = "logit"
+
+    def __init__(self, unembed: Unembed, final_norm: NormSpec) -> None:
+        super().__init__(unembed)
+        self.final_norm = final_norm
+
+    def transform(self, resid: Tensor, layer: int) -> Tensor:
+        return self.final_norm(resid)

@@ -66,6 +66,8 @@ class Analysis:
     """Told ``(pass label, layer, n_layers)`` after each decoded layer (progress display)."""
     prism_summary: Mapping[str, Any] = field(default_factory=dict)
     """``diagnostics.prism_summary``, settled before any pass runs."""
+    tuned_summary: Mapping[str, Any] = field(default_factory=dict)
+    """``diagnostics.tuned_summary``, settled before any pass runs."""
     next_token_lenses: tuple[Lens, ...] = ()
     """Lenses decoded at the last position only, feeding pure next-token records that
     no CSV holds (the raw lens at every layer, for the trajectory plot)."""

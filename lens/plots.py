@@ -54,7 +54,7 @@ SWEEP_SIZE = (1400, 1000)
 VARIANTS = (("pos", "orig", "orig", "#1f77b4"), ("pos", "no_filler", "no_filler", "#ff7f0e"),
             ("ctl", "orig", "control", "#2ca02c"))
 """(prompt_id, variant, label, colour); earlier variants are drawn on top."""
-LENS_STYLES = (("norm", "-"), ("raw", ":"), ("prism", "--"))
+LENS_STYLES = (("norm", "-"), ("raw", ":"), ("prism", "--"), ("tuned", "-."))
 PANELS = (("p_answer", "p(answer)", "linear"), ("answer_rank", "answer rank", "log"),
           ("kl_to_final_bits", "KL to final head (bits)", "linear"),
           ("entropy", "entropy (bits)", "linear"))
@@ -341,5 +341,5 @@ def plot_files(run: Any) -> dict[str, bytes]:
     pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
     files[f"output-{name}-trajectories.png"] = plot_trajectories(
-        pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed)")
+        pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed, tuned dash-dot)")
     return files

@@ -29,6 +29,7 @@ from lens.metrics import entropy_bits
 from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
 from lens.passes import Analysis, Pass, PassResult, passes_for
 from lens.prism import resolve_prism
+from lens.tuned import resolve_tuned
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import Unembed, analysis_dtype, unembed_dtype
@@ -104,15 +105,17 @@ def build_analysis(model: LoadedModel, config: RunConfig, *,
     """
     unembed = Unembed(model.W_U, model.b_U,
                       dtype=unembed_dtype(model.dtype, fp32_unembed=config.fp32_unembed))
-    prism = resolve_prism(config, name=model.name, d_model=model.d_model, unembed=unembed,
+    prism = resolve_prism(config, name=model.name, model=model, unembed=unembed,
+                          norms=model.norms)
+    tuned = resolve_tuned(config, name=model.name, model=model, unembed=unembed,
                           norms=model.norms)
     raw = RawLens(unembed)
     return Analysis(
         model=model, lens=NormLens(unembed, model.norms), raw=raw, config=config,
         table=TokenTable(model.tokenizer), head_transform=head_transform(model.hf_config),
         progress=progress,
-        sidecar_lenses=(prism.lens,) if prism.lens is not None else (),
-        prism_summary=prism.summary,
+        sidecar_lenses=tuple(r.lens for r in (prism, tuned) if r.lens is not None),
+        prism_summary=prism.summary, tuned_summary=tuned.summary,
         next_token_lenses=(raw,),
     )
 
@@ -248,6 +251,7 @@ def _report(model: LoadedModel, fact: Fact, analysis: Analysis,
         "target_prediction": fact.answer,
         "gold_alignment": orig.ctx.gold.status,
         "prism_summary": dict(analysis.prism_summary),
+        "tuned_summary": dict(analysis.tuned_summary),
         "last_layer_consistency": summaries.consistency_summary(consistency),
         "raw_lens_check": summaries.raw_lens_summary(config.raw_lens, raw_samples),
         **summaries.collapse_summary(pure_orig, copy_threshold=config.copy_threshold,
@@ -327,11 +331,12 @@ def output_files(run: ModelRun, config: RunConfig) -> dict[str, bytes]:
         f"output-{name}-records.csv": records_csv(run.records, "norm", fact_column=multi),
         f"output-{name}-pure-next-token.csv": pure_csv(run.records, "norm", fact_column=multi),
     }
-    if any(r.lens == "prism" for r in run.records):
-        files[f"output-{name}-records-prism.csv"] = records_csv(run.records, "prism",
-                                                                fact_column=multi)
-        files[f"output-{name}-pure-next-token-prism.csv"] = pure_csv(run.records, "prism",
+    for lens in ("prism", "tuned"):
+        if any(r.lens == lens for r in run.records):
+            files[f"output-{name}-records-{lens}.csv"] = records_csv(run.records, lens,
                                                                      fact_column=multi)
+            files[f"output-{name}-pure-next-token-{lens}.csv"] = pure_csv(run.records, lens,
+                                                                          fact_column=multi)
     if run.aggregate is not None:
         files[f"output-{name}-aggregate.json"] = json_bytes(run.aggregate)
     if config.keep_residuals:

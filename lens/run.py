@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, RunConfig
+from lens.config import DEVICES, DTYPES, PRISM_MODES, RAW_LENS_MODES, TUNED_MODES, RunConfig
 from lens.cli import OneLineParser
 from lens.errors import LensError
 from lens.probe import builtin_probes, resolve_probe
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "off disables (default auto)")
     p.add_argument("--prism-dir", type=Path, default=None,
                    help="Prism artifacts root: reads <dir>/<name>/ (default prisms/)")
+    p.add_argument("--tuned", default="auto", choices=TUNED_MODES,
+                   help="tuned-lens sidecar: auto uses compatible artifacts, on requires them, "
+                        "off disables (default auto)")
+    p.add_argument("--tuned-dir", type=Path, default=Path("tuned"),
+                   help="tuned-lens artifacts root: reads <dir>/<name>/ (default tuned/)")
     p.add_argument("--probe", default="default", metavar="NAME_OR_FILE",
                    help=f"built-in probe ({', '.join(builtin_probes())}) or a probe file "
                         "(.json/.yaml, see README) (default: default)")
@@ -80,6 +86,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
         copy_window_k=args.copy_window_k, raw_lens=args.raw_lens, fp32_unembed=args.fp32_unembed,
         device=args.device, dtype=args.dtype, prism=args.prism, prism_dir=args.prism_dir,
+        tuned=args.tuned, tuned_dir=args.tuned_dir,
         keep_residuals=args.keep_residuals, device_map=args.device_map, n_devices=args.n_devices,
         batch_size=args.batch_size,
     )
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lens.worker import run_one
 
     args = build_parser().parse_args(argv)
+    logging.getLogger("lens").setLevel(logging.ERROR if args.quiet else logging.WARNING)
     try:
         config = config_from(args)
         models, sweep = model_list(args.models, models_file=args.models_file, preset=args.preset,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import json
 import os
 import signal
@@ -45,6 +46,7 @@ def output_file_names(name: str) -> tuple[str, ...]:
     """Every file a successful run of model ``name`` may write, ``output-<name>.json`` last."""
     return (f"output-{name}-records.csv", f"output-{name}-pure-next-token.csv",
             f"output-{name}-records-prism.csv", f"output-{name}-pure-next-token-prism.csv",
+            f"output-{name}-records-tuned.csv", f"output-{name}-pure-next-token-tuned.csv",
             f"output-{name}-residuals.pt", f"output-{name}-aggregate.json",
             f"output-{name}-heatmap.png", f"output-{name}-trajectories.png",
             timings_file(name), f"evaluation-{name}.md", f"output-{name}.json")
@@ -231,6 +233,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
     from lens.devices import DeviceError, free_memory
     from lens.model import load_model, output_name
     from lens.prism import precheck
+    from lens.tuned import precheck as tuned_precheck
     from lens.report import analyse, output_files
 
     name = output_name(model_id)
@@ -252,6 +255,7 @@ def run_one(model_id: str, config: RunConfig, out: RunDir, probe: Probe, *, quie
             raise OutputExists(_exists(out, clash))
         at("resolve")
         precheck(config, name)
+        tuned_precheck(config, name)
         timer.start("load")
         model = load_model(model_id, device=config.device, dtype=config.dtype,
                            device_map=config.device_map_value(), n_devices=config.n_devices,
@@ -312,8 +316,9 @@ def config_to_json(config: RunConfig) -> dict[str, Any]:
 
 def config_from_json(raw: Mapping[str, Any]) -> RunConfig:
     values = dict(raw)
-    if values.get("prism_dir") is not None:
-        values["prism_dir"] = Path(values["prism_dir"])
+    for key in ("prism_dir", "tuned_dir"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     return RunConfig(**values)
 
 
@@ -322,6 +327,7 @@ def worker_main(job: Mapping[str, Any]) -> int:
     from lens.probe import resolve_probe
 
     result_fd = int(job["result_fd"])
+    logging.getLogger("lens").setLevel(logging.ERROR if job["quiet"] else logging.WARNING)
     out = RunDir(int(job["out_fd"]), Path(job["out_path"]))
     progress = Progress(quiet=bool(job["quiet"]),
                         prefix=f"[{job['index']}/{job['total']}] {job['model']}")
