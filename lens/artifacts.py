@@ -101,8 +101,9 @@ class ModelFacts:
 
 
 def _show(key: str, value: Any) -> str:
-    return f"{value[:12]}…" if key == "unembed_hash" and isinstance(value, str) else repr(value) \
-        if isinstance(value, str) else str(value)
+    if key == "unembed_hash" and isinstance(value, str):
+        return f"{value[:12]}…"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def mismatches(recorded: Mapping[str, Any], facts: ModelFacts) -> list[str]:
