@@ -170,7 +170,8 @@ def write_set(directory: Path, files: Mapping[str, bytes]) -> None:
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
-    staging, old = parent / f".{directory.name}.staging-{tag}", parent / f".{directory.name}.old-{tag}"
+    staging = parent / f".{directory.name}.staging-{tag}"
+    old = parent / f".{directory.name}.old-{tag}"
     staging.mkdir()
     moved = False
     try:
@@ -218,7 +219,7 @@ def verdict(rows: list[dict[str, Any]], lens: str, *, baseline: str = "logit") -
 
 
 def verdict_problem(provenance: Mapping[str, Any]) -> str | None:
-    """Why ``auto`` must not use a set (its verdict says it does not beat the logit lens), or None."""
+    """Why ``auto`` must not use a set (it does not beat the logit lens), or None."""
     v = provenance.get("verdict")
     if not isinstance(v, Mapping):
         return "provenance.json records no held-out verdict"
@@ -228,7 +229,7 @@ def verdict_problem(provenance: Mapping[str, Any]) -> str | None:
 
 
 def belongs(provenance: Mapping[str, Any], facts: ModelFacts) -> tuple[str | None, str | None]:
-    """(why the set is not this model's, or None; a warning, or None) from ``provenance["model"]``."""
+    """(why the set is not this model's, a warning), each or None, from ``provenance["model"]``."""
     recorded = provenance.get("model")
     if not isinstance(recorded, Mapping):
         return "provenance.json records no model facts (fitted by an older lens)", None

@@ -341,5 +341,6 @@ def plot_files(run: Any) -> dict[str, bytes]:
     pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
     files[f"output-{name}-trajectories.png"] = plot_trajectories(
-        pure, title=f"{name} · {what}: next-token trajectories (norm solid, raw dotted, prism dashed, tuned dash-dot)")
+        pure, title=f"{name} · {what}: next-token trajectories "
+                    "(norm solid, raw dotted, prism dashed, tuned dash-dot)")
     return files

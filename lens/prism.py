@@ -106,7 +106,7 @@ class PrismArtifacts:
         return None
 
     def save(self, directory: Path) -> None:
-        """Write the three files at once (``lens.artifacts.write_set``), hashed in the provenance."""
+        """Write the three files at once (``lens.artifacts.write_set``), hashed in provenance."""
         files = {}
         for name, obj in ((WHITEN_FILE, {"mean": self.mean, "var": self.var, "eps": self.eps}),
                           (Q_FILE, self.Q)):

@@ -184,7 +184,8 @@ def load_artifacts(path: Path) -> TunedArtifacts:
             raise TunedError(f"{path / PARAMS_FILE}: {key} must be a float tensor of shape "
                              f"{shape} (d_model {d}); refit: {FIT_HINT}")
         if not bool(torch.isfinite(value).all()):
-            raise TunedError(f"{path / PARAMS_FILE}: {key} has non-finite values; refit: {FIT_HINT}")
+            raise TunedError(f"{path / PARAMS_FILE}: {key} has non-finite values; "
+                             f"refit: {FIT_HINT}")
     weight = torch.stack([state[f"{i}.weight"] for i in range(n)])
     bias = torch.stack([state[f"{i}.bias"] for i in range(n)]) if with_bias else None
     return TunedArtifacts(weight=weight, bias=bias, config=config, provenance=provenance)

@@ -207,7 +207,7 @@ def adam_refine(A: Tensor, b: Tensor, train: Tensor, model: LoadedModel, *, step
 
 
 def held_out_table(model: LoadedModel, held: Residuals, lenses: Sequence[Lens]) -> list[dict]:
-    """Per layer 0..n: mean KL(P_lens ‖ P_head) per lens (and the reverse under ``head_to_lens``)."""
+    """Per layer 0..n: mean KL(P_lens ‖ P_head) per lens (the reverse under ``head_to_lens``)."""
     assert held.head is not None
     n, positions = model.n_layers, held.resids.shape[1]
     sums = {(L, lens.name, d): 0.0 for L in range(n + 1) for lens in lenses for d in (0, 1)}

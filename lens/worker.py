@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import json
+import logging
 import os
 import signal
 import sys

@@ -230,11 +230,11 @@ def test_reservoir_is_roughly_uniform():
 # --------------------------------------------------------------------------- the lens
 
 
-def _identity_artifacts(d: int, dtype=F64, *, model=None, beats: bool = False) -> PrismArtifacts:
-    """Identity whitening and Q; with ``model``, a provenance that names it (with ``d``)."""
+def _identity_artifacts(d: int, dtype=F64, *, facts=None, beats: bool = False) -> PrismArtifacts:
+    """Identity whitening and Q; with ``facts``, a provenance naming that model (with ``d``)."""
     provenance = {"k": d, "layers": [1]}
-    if model is not None:
-        facts = {**ModelFacts.of(model).as_json(), "d_model": d}
+    if facts is not None:
+        facts = {**facts, "d_model": d}
         provenance.update(model=facts, verdict={"beats_logit_lens": beats, "reason": "test"})
     return PrismArtifacts(mean=torch.zeros(d, dtype=dtype), var=torch.ones(d, dtype=dtype), eps=0.0,
                           Q=torch.eye(d, dtype=dtype), provenance=provenance)
@@ -472,7 +472,8 @@ def test_auto_refuses_artifacts_that_do_not_beat_the_logit_lens(llama_prism, run
 
 
 def test_auto_uses_artifacts_whose_verdict_beats_the_logit_lens(tiny_models, run_lens, tmp_path):
-    _identity_artifacts(32, model=tiny_models["tiny-llama"], beats=True).save(
+    facts = ModelFacts.of(tiny_models["tiny-llama"]).as_json()
+    _identity_artifacts(32, facts=facts, beats=True).save(
         tmp_path / "tiny-llama")
     status, files, err = run_lens("tests/models/tiny-llama", "--dtype", "float64",
                                   "--prism-dir", str(tmp_path))
@@ -490,7 +491,8 @@ def _missing(src: Path, dst: Path) -> None:
 
 
 def _narrow(src: Path, dst: Path) -> None:
-    _identity_artifacts(16, model=_LLAMA[0], beats=True).save(dst / "tiny-llama")
+    facts = json.loads((src / "tiny-llama" / "provenance.json").read_text())["model"]
+    _identity_artifacts(16, facts=facts, beats=True).save(dst / "tiny-llama")
 
 
 def _truncate(file: str):
@@ -520,15 +522,6 @@ BAD_ARTIFACTS = {
     "invalid-provenance": (_bad_provenance, "invalid {dir}/provenance.json"),
     "partial": (_partial, "missing Q_prism.pt"),
 }
-
-
-_LLAMA: list = []
-
-
-@pytest.fixture(autouse=True)
-def _llama_model(tiny_models):
-    """``_narrow`` needs the loaded tiny-llama to write its facts."""
-    _LLAMA[:] = [tiny_models["tiny-llama"]]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARTIFACTS))

@@ -1,4 +1,4 @@
-"""The tuned lens: its maths, its artifacts (ours and the tuned-lens package's), its fit, its sidecar."""
+"""The tuned lens: maths, artifacts (ours and the tuned-lens package's), fit and sidecar."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from lens.config import RunConfig, default_probe
 from lens.errors import LensError
 from lens.lenses import LogitLens
 from lens.model import capture, tokenize
-from lens.report import build_analysis
 from lens.testing import REPO, TINY_MODELS
 from lens.tuned import (
     CONFIG_FILE,
@@ -160,7 +159,8 @@ MISMATCHES = {
     "d_model": (lambda m: _ours_with(m, d_model=64), "d_model 64 vs 32"),
     "layers": (lambda m: _ours_with(m, n_layers=7), "n_layers 7 vs 4"),
     "d_vocab": (lambda m: _ours_with(m, d_vocab=5), "d_vocab 5 vs"),
-    "unembedding": (lambda m: _ours_with(m, unembed_hash="0" * 64), "unembed_hash 000000000000… vs"),
+    "unembedding": (lambda m: _ours_with(m, unembed_hash="0" * 64),
+                    "unembed_hash 000000000000… vs"),
     "name": (lambda m: _ours_with(m, name="other-model"), "name 'other-model' vs 'tiny-llama'"),
 }
 
@@ -175,14 +175,16 @@ def test_artifacts_of_another_model_are_refused_in_one_line(case, mode, tiny_mod
     unembed = Unembed(model.W_U, model.b_U, dtype=F64)
     if mode == "on":
         with pytest.raises(LensError, match="^--tuned on: ") as info:
-            resolve_tuned(config, name="tiny-llama", model=model, unembed=unembed, norms=model.norms)
+            resolve_tuned(config, name="tiny-llama", model=model, unembed=unembed,
+                          norms=model.norms)
         message = str(info.value)
     else:
         res = resolve_tuned(config, name="tiny-llama", model=model, unembed=unembed,
                             norms=model.norms)
         assert res.lens is None and not res.summary["compatible"]
         message = res.summary["error"]
-    assert "belong to another model" in message and expected in message and "\n" not in message
+    assert "belong to another model" in message and expected in message
+    assert "\n" not in message
 
 
 def test_package_lens_with_other_layer_count_is_refused(tiny_models, tmp_path):
