@@ -251,8 +251,8 @@ def resolve_prism(config: RunConfig, *, name: str, model: LoadedModel, unembed: 
         artifacts = load_artifacts(path)
         facts = ModelFacts.of(model)
         problem, warning = belongs(artifacts.provenance, facts)
-        if problem is None and artifacts.d_model != facts.d_model:
-            problem = f"Q is for d_model {artifacts.d_model} vs {facts.d_model}"
+        if artifacts.d_model != facts.d_model:  # what the files hold, whatever the provenance says
+            problem, warning = f"Q is for d_model {artifacts.d_model} vs {facts.d_model}", None
         if problem:
             raise PrismError(f"Prism artifacts at {path}: {problem}; refit: {FIT_HINT}")
         if (weak := verdict_problem(artifacts.provenance)) and config.prism == "auto":
