@@ -60,7 +60,9 @@ WINDOW = 64
 WINDOWS = 120
 STEPS = 20
 BATCH = 32
-LR = 1e-3
+LR = 1e-4
+CHECK_POSITIONS = 256
+"""Fixed training positions on which each layer keeps Adam's result only if it lowered the KL."""
 RIDGE = 1e-4
 """Ridge on the least-squares normal equations, relative to their mean diagonal."""
 CAPTURE_BATCH = 8
@@ -172,22 +174,42 @@ def _logits(u: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     return u @ W if b is None else u @ W + b
 
 
-def adam_refine(A: Tensor, b: Tensor, train: Tensor, model: LoadedModel, *, steps: int,
-                batch: int, seed: int) -> list[float]:
-    """Adam on KL(head ‖ lens), every layer at once; A (n, d, d) and b (n, d) in place.
-
-    Returns the mean training KL (bits, summed over layers) per step.
-    """
-    if steps <= 0:
-        return []
+def _layer_kl(A: Tensor, b: Tensor, train: Tensor, idx: Tensor, model: LoadedModel) -> Tensor:
+    """(n,) mean KL(head ‖ lens) in bits per layer at training positions ``idx`` (no grad)."""
     n = A.shape[0]
     W = model.W_U.detach().float().cpu()
     bU = None if model.b_U is None else model.b_U.detach().float().cpu()
     final = model.norms[-1]
+    with torch.no_grad():
+        target = torch.log_softmax(_logits(final(train[n, idx]), W, bU), dim=-1)
+        out = torch.empty(n)
+        for layer in range(n):
+            h = train[layer, idx]
+            logq = torch.log_softmax(_logits(final(h + h @ A[layer].T + b[layer]), W, bU), -1)
+            out[layer] = (target.exp() * (target - logq)).sum(-1).mean() / math.log(2)
+    return out
+
+
+def adam_refine(A: Tensor, b: Tensor, train: Tensor, model: LoadedModel, *, steps: int,
+                batch: int, seed: int) -> tuple[list[float], list[int]]:
+    """Adam on KL(head ‖ lens), every layer at once; A (n, d, d) and b (n, d) in place.
+
+    A layer whose KL on a fixed set of training positions did not go down
+    keeps its least-squares translator. Returns the training KL (bits, summed
+    over layers) per step and the layers that kept the least-squares start.
+    """
+    if steps <= 0:
+        return [], []
+    n = A.shape[0]
+    W = model.W_U.detach().float().cpu()
+    bU = None if model.b_U is None else model.b_U.detach().float().cpu()
+    final = model.norms[-1]
+    gen = torch.Generator().manual_seed(seed)
+    check = torch.randint(train.shape[1], (CHECK_POSITIONS,), generator=gen)
+    start, before = (A.clone(), b.clone()), _layer_kl(A, b, train, check, model)
     A.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.Adam([A, b], lr=LR)
-    gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         idx = torch.randint(train.shape[1], (batch,), generator=gen)
@@ -203,7 +225,10 @@ def adam_refine(A: Tensor, b: Tensor, train: Tensor, model: LoadedModel, *, step
         losses.append(float(kl.detach()))
     A.requires_grad_(False)
     b.requires_grad_(False)
-    return losses
+    kept = (_layer_kl(A, b, train, check, model) >= before).nonzero().flatten().tolist()
+    with torch.no_grad():
+        A[kept], b[kept] = start[0][kept], start[1][kept]
+    return losses, kept
 
 
 def held_out_table(model: LoadedModel, held: Residuals, lenses: Sequence[Lens]) -> list[dict]:
@@ -242,7 +267,7 @@ def fit(model: LoadedModel, text: str, *, source: str, window: int = WINDOW,
     for layer in range(n):
         A[layer], b[layer] = least_squares(train[layer], train[n])
     seconds["least_squares"] = time.perf_counter() - clock - sum(seconds.values())
-    losses = adam_refine(A, b, train, model, steps=steps, batch=batch, seed=seed)
+    losses, kept = adam_refine(A, b, train, model, steps=steps, batch=batch, seed=seed)
     seconds["adam"] = time.perf_counter() - clock - sum(seconds.values())
     facts = ModelFacts.of(model)
     art = TunedArtifacts.identity(facts)
@@ -264,7 +289,8 @@ def fit(model: LoadedModel, text: str, *, source: str, window: int = WINDOW,
                      "objective": "KL(model head || lens), bits, summed over layers",
                      "optimizer": "Adam", "lr": LR, "steps": steps, "batch": batch,
                      "seed": seed, "train_kl_first_last": [losses[0], losses[-1]] if losses
-                     else None},
+                     else None, "check_positions": CHECK_POSITIONS,
+                     "layers_kept_least_squares": kept},
         "kl_direction": "KL(P_lens || P_head) (head_to_lens: KL(P_head || P_lens))",
         "held_out_kl_bits": table,
         "verdict": verdict(table[1:n], "tuned"),
