@@ -7,8 +7,9 @@ the process's stderr when they are loaded and find settings they do not accept
 (``OMP_NUM_THREADS=abc``); with ``--quiet`` the modules that load them are
 imported with the process's stderr caught, and every line of it except the
 runtime's own ``libgomp:``/``OMP:`` chatter is passed on.
-lens's own warnings (``lens: warning: …``, e.g. non-finite values) still print:
-they describe the results.
+lens's own warnings about the results (``lens: warning: …``, e.g. non-finite
+values) still print; the ``lens`` logger (a fitted lens used with ``on``
+despite its verdict) is silenced like a library's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def libraries_quiet(quiet: bool) -> Iterator[None]:
     for module in OPENMP_MODULES:
         with contextlib.suppress(ImportError):
             _import_filtered(module)
-    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    loggers = [logging.getLogger(name) for name in (*LIBRARY_LOGGERS, "lens")]
     levels = [lg.level for lg in loggers]
     env = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY")}
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"

@@ -16,10 +16,12 @@ __all__ = ["Control", "Fact", "Probe", "RunConfig", "default_probe", "option", "
 
 RawLensMode = Literal["off", "sample", "full"]
 PrismMode = Literal["auto", "on", "off"]
+TunedMode = Literal["auto", "on", "off"]
 Device = Literal["auto", "cuda", "mps", "cpu"]
 DType = Literal["auto", "float32", "float64", "float16", "bfloat16"]
 RAW_LENS_MODES: tuple[str, ...] = get_args(RawLensMode)
 PRISM_MODES: tuple[str, ...] = get_args(PrismMode)
+TUNED_MODES: tuple[str, ...] = get_args(TunedMode)
 DEVICES: tuple[str, ...] = get_args(Device)
 DTYPES: tuple[str, ...] = get_args(DType)
 SEED = 316
@@ -84,6 +86,11 @@ class RunConfig:
                 "off disables")
     prism_dir: Path | None = option(
         None, "Prism artifacts root: reads <dir>/<name>/ (default prisms/)", metavar="DIR")
+    tuned: TunedMode = option(
+        "auto", "tuned-lens sidecar: auto uses compatible artifacts, on requires them, "
+                "off disables")
+    tuned_dir: Path = option(
+        Path("tuned"), "tuned-lens artifacts root: reads <dir>/<name>/", metavar="DIR")
     keep_residuals: bool = option(
         False, "also save the per-layer residuals as output-<name>-residuals.pt")
     device_map: str | None = option(

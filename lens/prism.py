@@ -17,205 +17,60 @@ Shapes and conventions (row vectors, as everywhere in lens):
   statement writes it for column vectors, ``U Vᵀ`` from ``svd(U_k E_kᵀ)``; ours is its
   transpose, computed as ``U Vᵀ`` from ``svd(E_k U_kᵀ)``.
 
-The fitting CLI is ``lens.prism_fit``; this module holds everything the run
-needs and the pure pieces the fit is made of.
+The fitting CLI is ``lens.prism_fit`` and its maths ``lens.prism_maths``; this
+module holds the artifacts and the lens, everything a run needs. A set is
+refused, with one line, when it belongs to another model or is not one fit's
+files (``lens.artifacts``); ``--prism auto`` also refuses a set whose held-out
+verdict says it does not beat the logit lens, which ``on`` uses with a warning.
 """
 
 from __future__ import annotations
 
 import io
-import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from lens.artifacts import (
+    PROVENANCE_FILE,
+    ModelFacts,
+    belongs,
+    file_hashes,
+    hash_mismatch,
+    read_provenance,
+    verdict_problem,
+    write_set,
+)
 from lens.config import RunConfig
 from lens.errors import LensError, first_line
 from lens.lenses import Lens
 from lens.norms import NormSpec
+from lens.prism_maths import orthogonality_error
 from lens.unembed import Unembed
-from lens.writers import json_bytes, write_atomic
+from lens.writers import json_bytes
+
+if TYPE_CHECKING:
+    from lens.model import LoadedModel
 
 DEFAULT_DIR = Path("prisms")
 WHITEN_FILE = "whiten.pt"
 Q_FILE = "Q_prism.pt"
-PROVENANCE_FILE = "provenance.json"
 ARTIFACT_FILES = (WHITEN_FILE, Q_FILE, PROVENANCE_FILE)
 EPS = 1e-8
-ORTHO_REFIT = 1e-3
-"""Re-orthonormalise ``Q`` by QR when ``‖QᵀQ − I‖_F`` exceeds this (README, Prism)."""
 ORTHO_ACCEPT = 1e-2
 """Refuse artifacts whose stored ``Q`` is further than this from orthogonal."""
 FIT_HINT = "fit them with python -m lens.prism_fit MODEL --prism-dir DIR"
+log = logging.getLogger("lens")
 
 
 class PrismError(LensError):
     """Missing, unreadable or incompatible Prism artifacts (one line naming the path)."""
-
-
-# --------------------------------------------------------------------------- fitting maths
-
-
-class RunningMoments:
-    """Per-feature mean and population variance over batches (Chan et al.'s parallel Welford).
-
-    Merging batch moments keeps the error of a long stream at the level of one
-    batch, unlike running sums of squares. ``dtype`` is float32 for float32 and
-    half-precision models (README, Prism) and float64 for float64 models.
-    """
-
-    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32) -> None:
-        self.count = 0
-        self.mean = torch.zeros(d, dtype=dtype)
-        self.m2 = torch.zeros(d, dtype=dtype)
-
-    def update(self, batch: Tensor) -> None:
-        """Add the rows of ``batch`` (n, d)."""
-        x = batch.detach().to(device="cpu", dtype=self.mean.dtype)
-        n_b = int(x.shape[0])
-        if n_b == 0:
-            return
-        mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).pow(2).sum(dim=0)
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.pow(2) * (self.count * n_b / n)
-        self.count = n
-
-    @property
-    def var(self) -> Tensor:
-        """(d,) population variance (divides by n), the whitening's denominator."""
-        if self.count == 0:
-            raise ValueError("no data: variance of an empty stream")
-        return self.m2 / self.count
-
-
-class Reservoir:
-    """A uniform sample of at most ``capacity`` rows of a stream (Algorithm R, seeded).
-
-    Rows arrive in batches; row ``t`` of the stream (0-based) replaces a random
-    slot with probability ``capacity / (t + 1)`` once the reservoir is full.
-    The same stream and seed always give the same sample.
-    """
-
-    def __init__(self, capacity: int, *, seed: int, dtype: torch.dtype = torch.float32) -> None:
-        if capacity < 1:
-            raise ValueError(f"reservoir capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self.dtype = dtype
-        self.seen = 0
-        self._chunks: list[Tensor] = []
-        self._full: Tensor | None = None
-        self._gen = torch.Generator().manual_seed(seed)
-
-    def add(self, batch: Tensor) -> None:
-        x = batch.detach().to(device="cpu", dtype=self.dtype)
-        if self._full is None:
-            kept = sum(int(c.shape[0]) for c in self._chunks)
-            take = min(self.capacity - kept, int(x.shape[0]))
-            if take:
-                self._chunks.append(x[:take].clone())
-            self.seen += take
-            x = x[take:]
-            if kept + take < self.capacity:
-                return
-            self._full = torch.cat(self._chunks)
-            self._chunks = []
-        if x.shape[0] == 0:
-            return
-        t = torch.arange(self.seen, self.seen + x.shape[0], dtype=torch.float64)
-        slots = (torch.rand(x.shape[0], generator=self._gen, dtype=torch.float64) * (t + 1)).long()
-        self.seen += int(x.shape[0])
-        for row, slot in enumerate(slots.tolist()):
-            if slot < self.capacity:
-                self._full[slot] = x[row]
-
-    def sample(self) -> Tensor:
-        """(min(seen, capacity), d) the rows kept."""
-        if self._full is not None:
-            return self._full.clone()
-        if not self._chunks:
-            raise ValueError("empty reservoir")
-        return torch.cat(self._chunks)
-
-
-def whiten(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    """Diagonal whitening ``(x − mean) / sqrt(var + eps)``, (..., d) → (..., d)."""
-    return (x - mean) / torch.sqrt(var + eps)
-
-
-def _fix_signs(columns: Tensor) -> Tensor:
-    """Flip each column so that its largest-magnitude entry is positive (deterministic bases)."""
-    idx = columns.abs().argmax(dim=0)
-    signs = torch.sign(columns[idx, torch.arange(columns.shape[1])])
-    return columns * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def principal_axes(sample: Tensor, k: int) -> Tensor:
-    """(n, d) sample → (d, k): unit columns along its k directions of largest variance."""
-    z = sample.to(torch.float64)
-    zc = z - z.mean(dim=0)
-    evals, evecs = torch.linalg.eigh(zc.T @ zc / max(1, z.shape[0]))
-    order = torch.argsort(evals, descending=True, stable=True)[:k]
-    return _fix_signs(evecs[:, order])
-
-
-def unembedding_basis(W_U: Tensor) -> tuple[Tensor, int]:
-    """(d, V) unembedding → ((d, min(d, V)) left singular vectors, by descending σ; rank).
-
-    Through a QR of ``W_Uᵀ`` in float64: ``W_U = Rᵀ Q₁ᵀ``, so ``W_U`` has the
-    left singular vectors and singular values of the small (d, d) ``Rᵀ``.
-    That is stable (unlike the Gram matrix ``W_U W_Uᵀ``, which squares the
-    condition number and blurs the rank) and an order of magnitude faster than
-    an SVD of the (d, V) matrix. The rank uses the usual tolerance
-    ``σ_max · max(d, V) · eps(dtype of W_U)``.
-    """
-    W = W_U.detach().to(device="cpu", dtype=torch.float64)
-    R = torch.linalg.qr(W.T, mode="r").R
-    U, sv, _ = torch.linalg.svd(R.T)
-    eps = torch.finfo(W_U.dtype).eps if W_U.is_floating_point() else 2.0**-52
-    tol = float(sv[0]) * max(W.shape) * eps
-    return _fix_signs(U), int((sv > tol).sum())
-
-
-def orthogonality_error(Q: Tensor) -> float:
-    """‖QᵀQ − I‖ (Frobenius) of a square matrix."""
-    q = Q.to(torch.float64)
-    return float(torch.linalg.matrix_norm(q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)))
-
-
-def procrustes(E_k: Tensor, U_k: Tensor) -> tuple[Tensor, bool]:
-    """The orthogonal (d, d) ``Q`` minimising ``‖E_kᵀ Q − U_kᵀ‖_F``, and if QR was needed.
-
-    Args:
-        E_k: (d, k) orthonormal columns (principal axes of the whitened sample).
-        U_k: (d, k) orthonormal columns (left singular vectors of ``W_U``).
-
-    ``Q = U Vᵀ`` with ``U S Vᵀ = svd(E_k U_kᵀ)``; re-orthonormalised by QR
-    (columns signed so that ``R`` has a positive diagonal) when
-    ``‖QᵀQ − I‖ > 1e-3``.
-    """
-    if E_k.shape != U_k.shape:
-        raise ValueError(f"E_k {tuple(E_k.shape)} and U_k {tuple(U_k.shape)} differ in shape")
-    M = E_k.to(torch.float64) @ U_k.to(torch.float64).T
-    U, _, Vh = torch.linalg.svd(M)
-    Q = U @ Vh
-    if orthogonality_error(Q) <= ORTHO_REFIT:
-        return Q, False
-    return reorthonormalise(Q), True
-
-
-def reorthonormalise(Q: Tensor) -> Tensor:
-    """The orthogonal factor of ``Q = QR``, columns signed so that ``diag(R) > 0``."""
-    q, r = torch.linalg.qr(Q.to(torch.float64))
-    signs = torch.sign(torch.diagonal(r))
-    return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -251,14 +106,15 @@ class PrismArtifacts:
         return None
 
     def save(self, directory: Path) -> None:
-        """Write the three files atomically into ``directory`` (created if needed)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the three files at once (``lens.artifacts.write_set``), hashed in provenance."""
+        files = {}
         for name, obj in ((WHITEN_FILE, {"mean": self.mean, "var": self.var, "eps": self.eps}),
                           (Q_FILE, self.Q)):
             buffer = io.BytesIO()
             torch.save(obj, buffer)
-            write_atomic(directory / name, buffer.getvalue())
-        write_atomic(directory / PROVENANCE_FILE, json_bytes(self.provenance))
+            files[name] = buffer.getvalue()
+        files[PROVENANCE_FILE] = json_bytes({**self.provenance, "files": file_hashes(files)})
+        write_set(directory, files)
 
 
 def artifact_dir(config: RunConfig, name: str) -> Path:
@@ -286,15 +142,14 @@ def _vector(value: Any, file: Path, key: str) -> Tensor:
     return value
 
 
-def load_artifacts(path: Path, *, d_model: int | None = None,
-                   model: str = "the model") -> PrismArtifacts:
-    """Read and validate the artifacts under ``path``.
+def load_artifacts(path: Path) -> PrismArtifacts:
+    """Read and validate the artifacts under ``path`` on their own (no model needed).
 
     Raises:
         PrismError: one line naming the file and what is wrong: missing files,
             a truncated ``.pt``, invalid ``provenance.json``, inconsistent
-            shapes, a ``Q`` that is not orthogonal, or ``d_model`` differing
-            from ``d_model`` (``d_model 16 vs 32``: artifacts vs model).
+            shapes, a ``Q`` that is not orthogonal, or files that are not the
+            ones the provenance's sha256s name (a mixed set).
     """
     missing = [f for f in ARTIFACT_FILES if not (path / f).is_file()]
     if len(missing) == len(ARTIFACT_FILES):
@@ -328,16 +183,11 @@ def load_artifacts(path: Path, *, d_model: int | None = None,
         raise PrismError(f"{path / Q_FILE} is not orthogonal (‖QᵀQ − I‖ = {error:.3g}); "
                          f"refit: {FIT_HINT}")
     try:
-        provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismError(f"invalid {path / PROVENANCE_FILE}: {first_line(exc)}; "
-                         f"refit: {FIT_HINT}") from None
-    if not isinstance(provenance, dict):
-        raise PrismError(f"invalid {path / PROVENANCE_FILE}: expected a JSON object; "
-                         f"refit: {FIT_HINT}")
-    if d_model is not None and Q.shape[0] != d_model:
-        raise PrismError(f"Prism artifacts at {path} do not fit {model}: "
-                         f"d_model {Q.shape[0]} vs {d_model}")
+        provenance = read_provenance(path / PROVENANCE_FILE)
+    except ValueError as exc:
+        raise PrismError(f"{exc}; refit: {FIT_HINT}") from None
+    if problem := hash_mismatch(path, provenance.get("files")):
+        raise PrismError(f"Prism artifacts at {path}: {problem}; refit: {FIT_HINT}")
     return PrismArtifacts(mean=mean, var=var, eps=float(eps), Q=Q, provenance=provenance)
 
 
@@ -381,29 +231,41 @@ class PrismResolution:
     summary: dict[str, Any]
 
 
-def resolve_prism(config: RunConfig, *, name: str, d_model: int, unembed: Unembed,
+def resolve_prism(config: RunConfig, *, name: str, model: LoadedModel, unembed: Unembed,
                   norms: Sequence[NormSpec]) -> PrismResolution:
     """Apply ``--prism auto|on|off`` before any pass runs.
 
-    ``auto`` uses compatible artifacts and otherwise records why not in
-    ``summary["error"]``; ``on`` raises ``LensError`` (one line naming the
-    path) where ``auto`` would record an error; ``off`` looks at nothing
-    beyond whether the files exist.
+    ``auto`` uses artifacts that belong to ``model`` and beat the logit lens,
+    and otherwise records why not in ``summary["error"]``; ``on`` raises
+    ``LensError`` (one line naming the path) where ``auto`` would record an
+    error, except that it uses a set that does not beat the logit lens, with a
+    one-line warning; ``off`` looks at nothing beyond whether the files exist.
     """
     path = artifact_dir(config, name)
     summary: dict[str, Any] = {"mode": config.prism, "artifact_path": str(path),
                                "present": artifacts_present(path), "compatible": False,
-                               "k": None, "layers": None, "error": None}
+                               "k": None, "layers": None, "error": None, "warning": None}
     if config.prism == "off":
         return PrismResolution(None, summary)
     try:
-        artifacts = load_artifacts(path, d_model=d_model, model=name)
+        artifacts = load_artifacts(path)
+        facts = ModelFacts.of(model)
+        problem, warning = belongs(artifacts.provenance, facts)
+        if artifacts.d_model != facts.d_model:  # what the files hold, whatever the provenance says
+            problem, warning = f"Q is for d_model {artifacts.d_model} vs {facts.d_model}", None
+        if problem:
+            raise PrismError(f"Prism artifacts at {path}: {problem}; refit: {FIT_HINT}")
+        if (weak := verdict_problem(artifacts.provenance)) and config.prism == "auto":
+            raise PrismError(f"Prism artifacts at {path}: {weak}; --prism on uses them anyway")
+        warning = "; ".join(w for w in (warning, weak) if w) or None
     except PrismError as exc:
         if config.prism == "on":
             raise _on_error(exc) from None
         summary["error"] = str(exc)
         return PrismResolution(None, summary)
-    summary.update(compatible=True, k=artifacts.k, layers=artifacts.layers)
+    if warning:
+        log.warning(f"lens: warning: {name}: Prism lens at {path}: {warning}")
+    summary.update(compatible=True, k=artifacts.k, layers=artifacts.layers, warning=warning)
     return PrismResolution(PrismLens(unembed, norms, artifacts), summary)
 
 
@@ -415,8 +277,8 @@ def _on_error(exc: PrismError) -> LensError:
 def precheck(config: RunConfig, name: str) -> None:
     """``--prism on``: fail before a (possibly slow) model load when the artifacts are unusable.
 
-    Only what needs no model is checked here (files, readability, shapes);
-    ``resolve_prism`` checks ``d_model`` once the model is loaded.
+    Only what needs no model is checked here (files, readability, shapes,
+    hashes); ``resolve_prism`` checks whose they are once the model is loaded.
     """
     if config.prism != "on":
         return

@@ -7,8 +7,11 @@ into running moments and a seeded reservoir. Then whitening, the sample's
 principal axes, the unembedding's singular vectors and the Procrustes map
 ``Q``; ``k`` is lowered to what the sample and ``W_U`` support. Every fifth
 prompt is held out: the fit reports the mean KL(P_lens ‖ P_final) over their
-positions per sampled depth, for the norm lens and the Prism lens, on screen
-and in ``provenance.json``.
+positions per sampled depth, for the norm lens, the logit lens and the Prism
+lens, on screen and in ``provenance.json``, with the verdict: whether Prism
+beats the logit lens (``--prism auto`` does not use a set that does not). A
+model that cannot be fitted (e.g. non-finite activations) is one error line,
+and the next model is fitted.
 """
 
 from __future__ import annotations
@@ -31,15 +34,13 @@ import torch
 from lens import metrics
 from lens.config import SEED
 from lens.emitters import depth_layers
+from lens.artifacts import ModelFacts, verdict
 from lens.cli import OneLineParser, add_config_flags
-from lens.errors import LensError
-from lens.lenses import Lens, NormLens
+from lens.errors import LensError, first_line
+from lens.lenses import Lens, LogitLens, NormLens
 from lens.model import Capture, LoadedModel, capture_batch, tokenize
-from lens.prism import (
-    DEFAULT_DIR,
-    EPS,
-    PrismArtifacts,
-    PrismLens,
+from lens.prism import DEFAULT_DIR, EPS, PrismArtifacts, PrismLens
+from lens.prism_maths import (
     Reservoir,
     RunningMoments,
     orthogonality_error,
@@ -56,7 +57,7 @@ BUILTIN_PROMPTS = "probes/prism_prompts.txt"
 HELD_OUT_EVERY = 5
 K_DEFAULT = 512
 RESERVOIR_DEFAULT = 20000
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BATCH_TOKENS = 1024
 """Prompts run together, right-padded, up to this many padded tokens per forward."""
 ARTIFACT_DTYPE = torch.float32
@@ -159,6 +160,9 @@ def collect(model: LoadedModel, prompts: Sequence[str], layers: Sequence[int], *
         tokens += len(ids[keep])
         for layer in layers:
             x = model.norms[layer](cap.resids[layer, keep])
+            if not bool(torch.isfinite(x).all()):
+                raise LensError(f"{model.name}: non-finite normalised residuals at layer {layer} "
+                                f"in fit prompt {i + 1}; Prism cannot be fitted on this model")
             moments.update(x)
             res.add(x)
             per_layer[layer] += int(x.shape[0])
@@ -247,6 +251,7 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
         messages.append("Q re-orthonormalised by QR (‖QᵀQ − I‖ > 1e-3 after Procrustes)")
     provenance: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
+        "model": ModelFacts.of(model).as_json(),
         "model_id": model.model_id,
         "name": model.name,
         "d_model": model.d_model,
@@ -283,10 +288,13 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
     artifacts = PrismArtifacts(mean=mean.to(ARTIFACT_DTYPE), var=var.to(ARTIFACT_DTYPE), eps=EPS,
                                Q=Q.to(ARTIFACT_DTYPE), provenance=provenance)
     provenance["q_orthogonality_error"] = orthogonality_error(artifacts.Q)
-    unembed = Unembed(model.W_U, model.b_U, dtype=unembed_dtype(model.dtype, fp32_unembed=False))
-    lenses = (NormLens(unembed, model.norms), PrismLens(unembed, model.norms, artifacts))
+    unembed = Unembed(model.W_U, model.b_U, head=model.head,
+                      dtype=unembed_dtype(model.dtype, fp32_unembed=False))
+    lenses = (NormLens(unembed, model.norms), LogitLens(unembed, model.norms[-1]),
+              PrismLens(unembed, model.norms, artifacts))
     clock = time.perf_counter()
     provenance["held_out_kl_bits"] = held_out_kl(model, held, layers, lenses, progress)
+    provenance["verdict"] = verdict(provenance["held_out_kl_bits"], "prism")
     seconds["held_out"] = time.perf_counter() - clock
     provenance["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
     progress.clear()
@@ -295,8 +303,9 @@ def fit(model: LoadedModel, prompts: Sequence[str], *, source: str, k_requested:
 
 def kl_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The held-out KL table as text lines."""
-    lines = [f"{'layer':>7} {'norm':>10} {'prism':>10}"]
-    lines += [f"{r['layer']:>7} {r['norm']:>10.4f} {r['prism']:>10.4f}" for r in rows]
+    names = ("norm", "logit", "prism")
+    lines = [f"{'layer':>7}" + "".join(f" {n:>10}" for n in names)]
+    lines += [f"{r['layer']:>7}" + "".join(f" {r[n]:>10.4f}" for n in names) for r in rows]
     return lines
 
 
@@ -328,6 +337,9 @@ def fit_model(model_id: str, prompts: Sequence[str], source: str, args: argparse
     say(f"held-out KL to the model's head, bits (mean over {rows[0]['positions']} positions):")
     for line in kl_table(rows):
         print(f"  {line}")
+    v = p["verdict"]
+    say(("Prism beats the logit lens: " if v["beats_logit_lens"] else
+         "Prism does NOT beat the logit lens (--prism auto will not use it): ") + v["reason"])
     say(f"wrote {directory}/ ({time.perf_counter() - start:.1f}s)")
 
 
@@ -348,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fit_model(model_id, prompts, source, args)
             except LensError as exc:
                 print(f"lens: error: {exc}", file=sys.stderr)
+                status = 1
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the rest
+                print(f"lens: error: {model_id}: cannot fit Prism: {first_line(exc)}",
+                      file=sys.stderr)
                 status = 1
         return status
     except LensError as exc:

@@ -27,13 +27,11 @@ from lens.config import RunConfig, default_probe
 from lens.lenses import NormLens
 from lens.model import capture, capture_batch, tokenize
 from lens.passes import OrigPass, decode_steps
-from lens.prism import (
-    EPS,
-    PrismArtifacts,
-    PrismLens,
+from lens.artifacts import ModelFacts
+from lens.prism import EPS, PrismArtifacts, PrismLens, load_artifacts
+from lens.prism_maths import (
     Reservoir,
     RunningMoments,
-    load_artifacts,
     orthogonality_error,
     principal_axes,
     procrustes,
@@ -232,9 +230,14 @@ def test_reservoir_is_roughly_uniform():
 # --------------------------------------------------------------------------- the lens
 
 
-def _identity_artifacts(d: int, dtype=F64) -> PrismArtifacts:
+def _identity_artifacts(d: int, dtype=F64, *, facts=None, beats: bool = False) -> PrismArtifacts:
+    """Identity whitening and Q; with ``facts``, a provenance naming that model (with ``d``)."""
+    provenance = {"k": d, "layers": [1]}
+    if facts is not None:
+        facts = {**facts, "d_model": d}
+        provenance.update(model=facts, verdict={"beats_logit_lens": beats, "reason": "test"})
     return PrismArtifacts(mean=torch.zeros(d, dtype=dtype), var=torch.ones(d, dtype=dtype), eps=0.0,
-                          Q=torch.eye(d, dtype=dtype), provenance={"k": d, "layers": [1]})
+                          Q=torch.eye(d, dtype=dtype), provenance=provenance)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -293,7 +296,7 @@ def test_fit_reports_k_layers_and_held_out_kl(tmp_path):
     assert status == 0, err
     assert "k lowered from 512 to 32" in out and "d_model is 32" in out
     assert "held-out KL" in out and "norm" in out and "prism" in out
-    art = load_artifacts(tmp_path / "prisms" / "tiny-gpt2", d_model=32)
+    art = load_artifacts(tmp_path / "prisms" / "tiny-gpt2")
     p = art.provenance
     assert (p["k"], p["k_requested"], p["layers"]) == (32, 512, [2, 3, 4])
     assert "d_model is 32" in p["k_lowered_reason"]
@@ -418,8 +421,11 @@ def test_sidecar_csvs_match_golden(llama_prism, run_lens, golden_csv):
             == golden_csv(name="pure-next-token-prism"))
 
     summary = json.loads(files[f"output-{name}.json"])["diagnostics"]["prism_summary"]
+    # the tiny model's Prism does not beat the logit lens: `on` uses it, with a warning
     assert summary == {"mode": "on", "artifact_path": str(llama_prism / name), "present": True,
-                       "compatible": True, "k": 32, "layers": [2, 3, 4], "error": None}
+                       "compatible": True, "k": 32, "layers": [2, 3, 4], "error": None,
+                       "warning": "it does not beat the logit lens (held-out KL above the "
+                                  "logit lens's at 3 of 3 fitted depths)"}
 
     status, plain, err = run_lens(*args, "--prism", "off")
     assert status == 0, err
@@ -440,9 +446,22 @@ def test_sidecar_csvs_match_golden(llama_prism, run_lens, golden_csv):
     assert all((r[margin] != "") == (r[0] == "ctl") for r in pure[1:])
 
 
-def test_auto_uses_compatible_artifacts(llama_prism, run_lens):
+def test_auto_refuses_artifacts_that_do_not_beat_the_logit_lens(llama_prism, run_lens):
     status, files, err = run_lens("tests/models/tiny-llama", "--dtype", "float64",
                                   "--prism-dir", str(llama_prism))
+    assert status == 0, err
+    assert "output-tiny-llama-pure-next-token-prism.csv" not in files
+    summary = json.loads(files["output-tiny-llama.json"])["diagnostics"]["prism_summary"]
+    assert summary["mode"] == "auto" and not summary["compatible"]
+    assert "does not beat the logit lens" in summary["error"] and "--prism on" in summary["error"]
+
+
+def test_auto_uses_artifacts_whose_verdict_beats_the_logit_lens(tiny_models, run_lens, tmp_path):
+    facts = ModelFacts.of(tiny_models["tiny-llama"]).as_json()
+    _identity_artifacts(32, facts=facts, beats=True).save(
+        tmp_path / "tiny-llama")
+    status, files, err = run_lens("tests/models/tiny-llama", "--dtype", "float64",
+                                  "--prism-dir", str(tmp_path))
     assert status == 0, err
     assert "output-tiny-llama-pure-next-token-prism.csv" in files
     summary = json.loads(files["output-tiny-llama.json"])["diagnostics"]["prism_summary"]
@@ -457,7 +476,8 @@ def _missing(src: Path, dst: Path) -> None:
 
 
 def _narrow(src: Path, dst: Path) -> None:
-    _identity_artifacts(16).save(dst / "tiny-llama")
+    facts = json.loads((src / "tiny-llama" / "provenance.json").read_text())["model"]
+    _identity_artifacts(16, facts=facts, beats=True).save(dst / "tiny-llama")
 
 
 def _truncate(file: str):
@@ -537,7 +557,7 @@ def test_off_ignores_even_broken_artifacts(tmp_path, llama_prism, tiny_models):
     assert [lens.name for lens in analysis.sidecar_lenses] == ["logit"]
     assert dict(analysis.resolver_summaries["prism"]) == {
         "mode": "off", "artifact_path": str(root / "tiny-llama"), "present": True,
-        "compatible": False, "k": None, "layers": None, "error": None}
+        "compatible": False, "k": None, "layers": None, "error": None, "warning": None}
 
 
 def test_non_orthogonal_Q_is_refused(tmp_path):
