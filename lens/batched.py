@@ -17,11 +17,17 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from lens import metrics
 from lens.emitters import LayerStep, PassContext
 from lens.lenses import Lens
 from lens.model import Capture
-from lens.passes import CHUNK_ELEMENTS, Analysis, Pass, PassResult, first_non_finite_layer
+from lens.passes import (
+    CHUNK_ELEMENTS,
+    Analysis,
+    Pass,
+    PassResult,
+    decoded_chunks,
+    first_non_finite_layer,
+)
 from lens.records import Record
 from lens.timing import StageTimer, maybe_iterate, maybe_stage
 from lens.windows import RollingWindow
@@ -63,16 +69,8 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
         per_chunk = max(1, budget // resids.shape[1])
-        scratch: Tensor | None = None
-        for start in range(0, n_layers, per_chunk):
-            layers = list(range(start, min(n_layers, start + per_chunk)))
-            logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
-            logp = torch.log_softmax(logits, dim=-1)
-            if scratch is None:
-                scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
-            entropy = metrics.entropy_bits(logp, scratch=scratch)
-            top_logp, top_ids = torch.topk(logp, k, dim=-1)
-            top_p = top_logp.exp()
+        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k):
+            layers, logits, logp, entropy, top_p, top_ids = chunk
             last_top1 = top_ids[:, [b - 1 for _, b in spans], 0].tolist()
             for li, layer in enumerate(layers):
                 for gi, (i, (a, b)) in enumerate(zip(group, spans, strict=True)):
@@ -81,7 +79,7 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
                         logits=logits[li, a:b], logp=logp[li, a:b], entropy=entropy[li, a:b],
                         top_p=top_p[li, a:b], top_ids=top_ids[li, a:b],
                         window=windows[i].push(last_top1[li][gi]))
-            del logits, logp, entropy, top_logp, top_ids, top_p
+            del chunk, logits, logp, entropy, top_p, top_ids
 
 
 def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,

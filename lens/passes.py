@@ -277,7 +277,33 @@ def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[Layer
     k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
     per_chunk = max(1, min(CHUNK_ELEMENTS // max(1, seq * vocab), -(-n_layers // 3)))
     window = RollingWindow(ctx.config.copy_window_k)
-    scratch: Tensor | None = None  # the entropy's temporary, reused by every chunk
+    for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k):
+        layers, logits, logp, entropy, top_p, top_ids = chunk
+        last_top1 = top_ids[:, -1, 0].tolist()
+        for i, layer in enumerate(layers):
+            yield LayerStep(
+                ctx=ctx, lens=lens.name, layer=layer, resid=resids[layer], logits=logits[i],
+                logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
+                window=window.push(last_top1[i]),
+            )
+        del chunk, logits, logp, entropy, top_p, top_ids
+
+
+DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
+(len(layers), rows, …)."""
+
+
+def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
+                   k: int) -> Iterator[DecodedChunk]:
+    """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
+
+    One scratch buffer serves every chunk's entropy. ``decode_steps`` (one pass)
+    and ``lens.batched.decode_many`` (many passes' rows side by side) both decode
+    through here, so the numbers of a batched run are those of a pass alone.
+    """
+    n_layers = resids.shape[0]
+    scratch: Tensor | None = None
     for start in range(0, n_layers, per_chunk):
         layers = list(range(start, min(n_layers, start + per_chunk)))
         logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
@@ -286,12 +312,5 @@ def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[Layer
             scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
         entropy = metrics.entropy_bits(logp, scratch=scratch)
         top_logp, top_ids = torch.topk(logp, k, dim=-1)
-        top_p = top_logp.exp()
-        last_top1 = top_ids[:, -1, 0].tolist()
-        for i, layer in enumerate(layers):
-            yield LayerStep(
-                ctx=ctx, lens=lens.name, layer=layer, resid=resids[layer], logits=logits[i],
-                logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
-                window=window.push(last_top1[i]),
-            )
-        del logits, logp, entropy, top_logp, top_ids, top_p
+        yield layers, logits, logp, entropy, top_logp.exp(), top_ids
+        del logits, logp, entropy, top_logp, top_ids

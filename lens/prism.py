@@ -27,7 +27,6 @@ verdict says it does not beat the logit lens, which ``on`` uses with a warning.
 from __future__ import annotations
 
 import io
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lens import fitted
 from lens.artifacts import (
     PROVENANCE_FILE,
     ModelFacts,
@@ -44,12 +44,12 @@ from lens.artifacts import (
     file_hashes,
     hash_mismatch,
     read_provenance,
-    verdict_problem,
     write_set,
 )
 from lens.config import RunConfig
 from lens.errors import LensError, first_line
-from lens.lenses import Lens
+from lens.fitted import FittedKind
+from lens.lenses import Lens, Resolution
 from lens.norms import NormSpec
 from lens.prism_maths import orthogonality_error
 from lens.unembed import Unembed
@@ -66,7 +66,6 @@ EPS = 1e-8
 ORTHO_ACCEPT = 1e-2
 """Refuse artifacts whose stored ``Q`` is further than this from orthogonal."""
 FIT_HINT = "fit them with python -m lens.prism_fit MODEL --prism-dir DIR"
-log = logging.getLogger("lens")
 
 
 class PrismError(LensError):
@@ -223,66 +222,31 @@ class PrismLens(Lens):
             return ((x - mean) / std) @ Q
 
 
-@dataclass(frozen=True, eq=False)
-class PrismResolution:
-    """The sidecar lens to decode with (or None) and ``diagnostics.prism_summary``."""
+def _check(artifacts: PrismArtifacts, facts: ModelFacts, path: Path) -> str | None:
+    """Refuse a set fitted on another model (``PrismError``); return a warning or None."""
+    problem, warning = belongs(artifacts.provenance, facts)
+    if artifacts.d_model != facts.d_model:  # what the files hold, whatever the provenance says
+        problem, warning = f"Q is for d_model {artifacts.d_model} vs {facts.d_model}", None
+    if problem:
+        raise PrismError(f"Prism artifacts at {path}: {problem}; refit: {FIT_HINT}")
+    return warning
 
-    lens: PrismLens | None
-    summary: dict[str, Any]
+
+KIND = FittedKind(
+    mode_field="prism", label="Prism artifacts", error=PrismError, fit_hint=FIT_HINT,
+    directory=artifact_dir, present=artifacts_present, load=load_artifacts, check=_check,
+    build=lambda artifacts, unembed, norms: PrismLens(unembed, norms, artifacts),
+    details=lambda artifacts: {"k": artifacts.k, "layers": artifacts.layers},
+    blank=("k", "layers"))
+"""Prism as a fitted lens (``lens.fitted``: ``--prism auto|on|off``)."""
 
 
 def resolve_prism(config: RunConfig, *, name: str, model: LoadedModel, unembed: Unembed,
-                  norms: Sequence[NormSpec]) -> PrismResolution:
-    """Apply ``--prism auto|on|off`` before any pass runs.
-
-    ``auto`` uses artifacts that belong to ``model`` and beat the logit lens,
-    and otherwise records why not in ``summary["error"]``; ``on`` raises
-    ``LensError`` (one line naming the path) where ``auto`` would record an
-    error, except that it uses a set that does not beat the logit lens, with a
-    one-line warning; ``off`` looks at nothing beyond whether the files exist.
-    """
-    path = artifact_dir(config, name)
-    summary: dict[str, Any] = {"mode": config.prism, "artifact_path": str(path),
-                               "present": artifacts_present(path), "compatible": False,
-                               "k": None, "layers": None, "error": None, "warning": None}
-    if config.prism == "off":
-        return PrismResolution(None, summary)
-    try:
-        artifacts = load_artifacts(path)
-        facts = ModelFacts.of(model)
-        problem, warning = belongs(artifacts.provenance, facts)
-        if artifacts.d_model != facts.d_model:  # what the files hold, whatever the provenance says
-            problem, warning = f"Q is for d_model {artifacts.d_model} vs {facts.d_model}", None
-        if problem:
-            raise PrismError(f"Prism artifacts at {path}: {problem}; refit: {FIT_HINT}")
-        if (weak := verdict_problem(artifacts.provenance)) and config.prism == "auto":
-            raise PrismError(f"Prism artifacts at {path}: {weak}; --prism on uses them anyway")
-        warning = "; ".join(w for w in (warning, weak) if w) or None
-    except PrismError as exc:
-        if config.prism == "on":
-            raise _on_error(exc) from None
-        summary["error"] = str(exc)
-        return PrismResolution(None, summary)
-    if warning:
-        log.warning(f"lens: warning: {name}: Prism lens at {path}: {warning}")
-    summary.update(compatible=True, k=artifacts.k, layers=artifacts.layers, warning=warning)
-    return PrismResolution(PrismLens(unembed, norms, artifacts), summary)
-
-
-def _on_error(exc: PrismError) -> LensError:
-    hint = "" if "refit" in str(exc) else f"; {FIT_HINT} or use --prism auto"
-    return LensError(f"--prism on: {exc}{hint}")
+                  norms: Sequence[NormSpec]) -> Resolution:
+    """Apply ``--prism auto|on|off`` before any pass runs (``lens.fitted.resolve``)."""
+    return fitted.resolve(KIND, config, name=name, model=model, unembed=unembed, norms=norms)
 
 
 def precheck(config: RunConfig, name: str) -> None:
-    """``--prism on``: fail before a (possibly slow) model load when the artifacts are unusable.
-
-    Only what needs no model is checked here (files, readability, shapes,
-    hashes); ``resolve_prism`` checks whose they are once the model is loaded.
-    """
-    if config.prism != "on":
-        return
-    try:
-        load_artifacts(artifact_dir(config, name))
-    except PrismError as exc:
-        raise _on_error(exc) from None
+    """``--prism on``: fail before the model loads when the artifacts are unusable."""
+    fitted.precheck(KIND, config, name)

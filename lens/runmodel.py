@@ -125,8 +125,8 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     model does; ``files`` is then empty.
     """
     from lens.devices import free_memory
+    from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
-    from lens.prism import precheck
     from lens.report import analyse
 
     name = outputs.output_name(model_id)
@@ -142,7 +142,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     timer = StageTimer()
     try:
         at("resolve")
-        precheck(config, name)
+        precheck_lenses(config, name)
         timer.start("load")
         model = load_model(model_id, device=config.device, dtype=config.dtype,
                            device_map=config.device_map_value(), n_devices=config.n_devices,

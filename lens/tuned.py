@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lens import fitted
 from lens.artifacts import (
     PROVENANCE_FILE,
     ModelFacts,
@@ -40,12 +40,12 @@ from lens.artifacts import (
     id_warning,
     mismatches,
     read_provenance,
-    verdict_problem,
     write_set,
 )
 from lens.config import RunConfig
 from lens.errors import LensError, first_line
-from lens.lenses import Lens
+from lens.fitted import FittedKind
+from lens.lenses import Lens, Resolution
 from lens.norms import NormSpec
 from lens.unembed import Unembed
 
@@ -57,7 +57,6 @@ PARAMS_FILE = "params.pt"
 DEFAULT_DIR = Path("tuned")
 LENS_TYPE = "linear_tuned_lens"
 FIT_HINT = "fit them with python -m lens.tuned_fit MODEL --tuned-dir DIR"
-log = logging.getLogger("lens")
 
 
 class TunedError(LensError):
@@ -247,58 +246,25 @@ class TunedLens(Lens):
             return self.final_norm(moved if b is None else moved + b[layer])
 
 
-@dataclass(frozen=True, eq=False)
-class TunedResolution:
-    """The sidecar lens to decode with (or None) and ``diagnostics.tuned_summary``."""
-
-    lens: TunedLens | None
-    summary: dict[str, Any]
+KIND = FittedKind(
+    mode_field="tuned", label="tuned-lens artifacts", error=TunedError, fit_hint=FIT_HINT,
+    directory=artifact_dir, present=artifacts_present, load=load_artifacts, check=check_model,
+    build=lambda artifacts, unembed, norms: TunedLens(unembed, norms[-1], artifacts),
+    details=lambda artifacts: {
+        "layers": artifacts.n_layers,
+        "format": "lens" if artifacts.provenance is not None else "tuned-lens"},
+    blank=("format", "layers"))
+"""The tuned lens as a fitted lens (``lens.fitted``: ``--tuned auto|on|off``, as ``--prism``);
+a set the tuned-lens package trained has no held-out verdict, so ``auto`` uses it."""
 
 
 def resolve_tuned(config: RunConfig, *, name: str, model: LoadedModel, unembed: Unembed,
-                  norms: tuple[NormSpec, ...] | list[NormSpec]) -> TunedResolution:
-    """Apply ``--tuned auto|on|off`` before any pass runs (the semantics of ``--prism``).
-
-    ``auto`` uses compatible artifacts and otherwise records why not in
-    ``summary["error"]``; ``on`` raises ``LensError`` (one line) where ``auto``
-    would record an error; ``off`` looks at nothing beyond whether the files exist.
-    """
-    path = artifact_dir(config, name)
-    summary: dict[str, Any] = {"mode": config.tuned, "artifact_path": str(path),
-                               "present": artifacts_present(path), "compatible": False,
-                               "format": None, "layers": None, "error": None, "warning": None}
-    if config.tuned == "off":
-        return TunedResolution(None, summary)
-    try:
-        artifacts = load_artifacts(path)
-        warning = check_model(artifacts, ModelFacts.of(model), path)
-        problem = None if artifacts.provenance is None else verdict_problem(artifacts.provenance)
-        if problem and config.tuned == "auto":
-            raise TunedError(f"tuned-lens artifacts at {path}: {problem}; --tuned on uses them")
-        warning = "; ".join(w for w in (warning, problem) if w) or None
-    except TunedError as exc:
-        if config.tuned == "on":
-            raise _on_error(exc) from None
-        summary["error"] = str(exc)
-        return TunedResolution(None, summary)
-    if warning:
-        log.warning(f"lens: warning: {name}: tuned lens at {path}: {warning}")
-    summary.update(compatible=True, layers=artifacts.n_layers, warning=warning,
-                   format="lens" if artifacts.provenance is not None else "tuned-lens")
-    return TunedResolution(TunedLens(unembed, norms[-1], artifacts), summary)
-
-
-def _on_error(exc: TunedError) -> LensError:
-    hint = "" if "refit" in str(exc) else f"; {FIT_HINT} or use --tuned auto"
-    return LensError(f"--tuned on: {exc}{hint}")
+                  norms: Sequence[NormSpec]) -> Resolution:
+    """Apply ``--tuned auto|on|off`` before any pass runs (``lens.fitted.resolve``)."""
+    return fitted.resolve(KIND, config, name=name, model=model, unembed=unembed, norms=norms)
 
 
 def precheck(config: RunConfig, name: str) -> None:
-    """``--tuned on``: fail before a (possibly slow) model load when the set is unusable."""
-    if config.tuned != "on":
-        return
-    try:
-        load_artifacts(artifact_dir(config, name))
-    except TunedError as exc:
-        raise _on_error(exc) from None
+    """``--tuned on``: fail before the model loads when the set is unusable."""
+    fitted.precheck(KIND, config, name)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,9 @@ from lens.testing import MODELS, REPO
 
 TINY = "tests/models/tiny-gpt2"
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
+
+
+SWEEP_PROGRESS = re.compile(r"lens: \[\d+/\d+\] running: ")
 
 
 @dataclass
@@ -47,9 +51,12 @@ class Run:
 
     @property
     def lines(self) -> list[str]:
-        """stderr lines, less the one-time notice that the embedded model is being cached."""
+        """stderr lines, less the one-time notice that the embedded model is being cached and
+        a sweep's progress lines (``lens: [1/2] running: …``, one per change when stderr is
+        a log): the problem itself must still be said in exactly one line."""
         return [line for line in self.err.strip().splitlines()
-                if line and not line.startswith("lens: dequantizing")]
+                if line and not line.startswith("lens: dequantizing")
+                and not SWEEP_PROGRESS.match(line)]
 
 
 @dataclass

@@ -263,3 +263,4 @@ def test_tuned_on_without_artifacts_fails_before_loading(run_lens, tmp_path):
                                   str(tmp_path))
     assert status == 1 and err.count("\n") == 1
     assert f"--tuned on: no tuned-lens artifacts at {tmp_path / 'tiny-gpt2'}" in err
+    assert json.loads(files["output-tiny-gpt2.error.json"])["stage"] == "resolve"  # before load

@@ -14,11 +14,15 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from lens.errors import LensError
 from lens.lenses.base import LensParts, Resolution
 from lens.lenses.logit import LogitLens
 from lens.lenses.raw import RawLens
+
+if TYPE_CHECKING:
+    from lens.config import RunConfig
 
 Resolver = Callable[[LensParts], Resolution]
 
@@ -43,7 +47,18 @@ def fitted(module: str, function: str) -> Resolver:
                                        if hasattr(parts, p.name)})
         return Resolution(got.lens, got.summary)
 
+    def precheck(config: RunConfig, name: str) -> None:
+        """Its module's ``precheck(config, name)``: ``on`` fails before the model loads."""
+        try:
+            target = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            return
+        getattr(target, "precheck", lambda *_: None)(config, name)
+
     resolve.__qualname__ = f"fitted({module}.{function})"
+    resolve.precheck = precheck  # type: ignore[attr-defined]
     return resolve
 
 
@@ -70,6 +85,14 @@ def check_lens_names(names: Sequence[str]) -> None:
             raise LensError(f"--lenses: unknown lens {name!r}; choose from {known}")
     if len(set(names)) != len(names):
         raise LensError(f"--lenses names a lens twice: {','.join(names)}")
+
+
+def precheck_lenses(config: RunConfig, name: str) -> None:
+    """Before the model loads: refuse what the chosen fitted lenses can tell without it."""
+    for lens in config.lenses:
+        check = getattr(LENSES[lens], "precheck", None)
+        if check is not None:
+            check(config, name)
 
 
 def resolve_lenses(names: Sequence[str], parts: LensParts) -> dict[str, Resolution]:
