@@ -3,8 +3,8 @@
 Everything is drawn on ``matplotlib.figure.Figure`` objects with the Agg
 canvas (no ``pyplot``, so no global backend or figure state), under a fixed
 style, at a fixed dpi, with sizes given in whole pixels and no ``Software``
-metadata — the same run gives the same image, and the tests can check the
-size. PNGs are not goldens: the CSVs hold the numbers.
+metadata — the same run gives the same image. PNGs are not goldens: the CSVs
+hold the numbers.
 
 Files (beside the CSVs, ``--no-plots`` skips them):
 
@@ -13,13 +13,10 @@ Files (beside the CSVs, ``--no-plots`` skips them):
   with more than one fact writes ``output-<name>-heatmap-<fact_id>.png``.
 - ``output-<name>-trajectories.png`` — p_answer, answer rank (log scale), KL
   to the final head and entropy per layer at the next-token position, for
-  orig, no_filler and control, one line style per lens: the norm lens solid,
-  then every other lens whose records exist (``lens_styles``: logit dash-dot,
-  raw dotted, prism dashed, tuned long dashes, any other lens its own dash
-  pattern). Over several facts each line is the median across facts and the
-  band (norm lens) the interquartile range.
-- ``plot_sweep`` — the same four panels for several models on normalised depth
-  (layer / n_layers), pos/orig under the norm lens; for the sweep launcher.
+  orig, no_filler and control, one line style per lens (``LENS_STYLES``; any
+  other lens its own dash pattern). Over several facts each line is the median
+  across facts and the band (norm lens) the interquartile range.
+- ``plot_sweep`` — the same panels per model over depth / n_layers (pos/orig, norm lens).
 """
 
 from __future__ import annotations
