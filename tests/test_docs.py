@@ -33,7 +33,7 @@ def test_no_file_points_outside_the_repository():
     assert offenders == []
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/outputs.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/outputs.md", "docs/lenses.md"])
 def test_markdown_links_resolve_inside_the_repository(doc):
     text = (REPO / doc).read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
