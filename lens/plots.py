@@ -7,7 +7,6 @@ metadata — the same run gives the same image. PNGs are not goldens: the CSVs
 hold the numbers.
 
 Files (beside the CSVs, ``--no-plots`` skips them):
-
 - ``output-<name>-heatmap.png`` — pos/orig, layer × position, the top-1 token
   written in each cell, coloured by entropy (bits). One per fact: a probe
   with more than one fact writes ``output-<name>-heatmap-<fact_id>.png``.
@@ -306,7 +305,8 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
                 if line is not None:
                     handles.append(line)
         if handles:
-            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False)
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3),
+                       frameon=False, handlelength=4)  # long enough to tell dash patterns apart
         suffix = f" — median over {n_facts} facts, band: interquartile range" if n_facts > 1 else ""
         fig.suptitle(title + suffix, parse_math=False)
         return _png(fig)
