@@ -35,27 +35,15 @@ def fitted(module: str, function: str) -> Resolver:
     ``n_layers``, ``unembed``, ``norms``); it is passed exactly those it declares.
     """
     def resolve(parts: LensParts) -> Resolution:
-        try:
-            target = getattr(importlib.import_module(module), function)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            return Resolution(None)  # not part of this installation: nothing to decode or say
+        target = getattr(importlib.import_module(module), function)
         wanted = [p for p in inspect.signature(target).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        got = target(parts.config, **{p.name: getattr(parts, p.name) for p in wanted
-                                       if hasattr(parts, p.name)})
-        return Resolution(got.lens, got.summary)
+        return target(parts.config, **{p.name: getattr(parts, p.name) for p in wanted
+                                        if hasattr(parts, p.name)})
 
     def precheck(config: RunConfig, name: str) -> None:
         """Its module's ``precheck(config, name)``: ``on`` fails before the model loads."""
-        try:
-            target = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            return
-        getattr(target, "precheck", lambda *_: None)(config, name)
+        getattr(importlib.import_module(module), "precheck", lambda *_: None)(config, name)
 
     resolve.__qualname__ = f"fitted({module}.{function})"
     resolve.precheck = precheck  # type: ignore[attr-defined]
