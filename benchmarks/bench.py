@@ -9,7 +9,7 @@ In one process, on the same loaded model, it measures
     head forward (``lens.model.head_logits``), and ONE batched norm-lens decode
     of exactly the residuals the run decodes (every layer × every position of
     every pass): norm, ``@ W_U (+ b_U)``, log-softmax, top-20, chunked at the
-    same logits budget as the run (``lens.passes.CHUNK_ELEMENTS``).
+    same logits budget as the run (``lens.decode.CHUNK_ELEMENTS``).
 (b) the full run minus model load: ``lens.report.analyse`` (three passes, every
     emitter, head probes, report) + ``lens.outputs.run_files`` + writing every
     file with ``lens.writers.write_atomic`` into a temporary directory.
@@ -50,12 +50,13 @@ import torch  # noqa: E402
 
 import lens  # noqa: E402
 from lens.config import Fact, RunConfig, default_probe  # noqa: E402
+from lens.decode import CHUNK_ELEMENTS  # noqa: E402
 from lens.embedded import EMBEDDED_ID, embedded_model_dir, is_embedded  # noqa: E402
 from lens.model import LoadedModel, capture, head_logits, load_model, tokenize  # noqa: E402
-from lens.passes import CHUNK_ELEMENTS, passes_for  # noqa: E402
 from lens.outputs import run_files as output_files  # noqa: E402
-from lens.report import analyse  # noqa: E402
 from lens.outputs import timings_file  # noqa: E402
+from lens.passes import passes_for  # noqa: E402
+from lens.report import analyse  # noqa: E402
 from lens.runmodel import evaluation_stub  # noqa: E402
 from lens.timing import StageTimer  # noqa: E402
 from lens.unembed import analysis_dtype, unembed_dtype  # noqa: E402

@@ -11,7 +11,7 @@ What a run cannot avoid, on the same model, in a fresh process:
 - decoding exactly the rows the outputs contain: every layer × every position
   of pos/orig (its per-position records), the last position of pos/no_filler
   and ctl/orig (their next-token records only): norm, ``@ W_U (+ b_U)``,
-  log-softmax and top-20, chunked at the run's ``lens.passes.CHUNK_ELEMENTS``
+  log-softmax and top-20, chunked at the run's ``lens.decode.CHUNK_ELEMENTS``
   logits per matmul. ``--sidecar`` decodes the same rows once more through the
   final norm: the logit-lens sidecar, which ``python -m lens.run`` decodes by default.
 
@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 
 from lens.config import default_probe  # noqa: E402
+from lens.decode import CHUNK_ELEMENTS  # noqa: E402
 from lens.model import capture, head_logits, load_model, tokenize  # noqa: E402
-from lens.passes import CHUNK_ELEMENTS, passes_for  # noqa: E402
+from lens.passes import passes_for  # noqa: E402
 from lens.unembed import analysis_dtype  # noqa: E402
 
 TOPK = 20

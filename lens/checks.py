@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from lens.emitters import ROWS, LayerStep
+from lens.emitters import ROWS, LayerStep, RowValues
 from lens.lenses import Lens
 from lens.records import Record, record_values
 
@@ -77,8 +77,11 @@ def check_plain_records(emitter: object, step: LayerStep) -> None:
 
 def last_row_only(step: LayerStep) -> LayerStep:
     """The step as a pass that decodes only the last position would give it."""
+    v = step.values
     return replace(step, resid=step.resid[-1:], logits=step.logits[-1:], logp=step.logp[-1:],
-                   entropy=step.entropy[-1:], top_p=step.top_p[-1:], top_ids=step.top_ids[-1:])
+                   entropy=step.entropy[-1:], top_p=step.top_p[-1:], top_ids=step.top_ids[-1:],
+                   values=RowValues(finite=v.finite[-1:], entropy=v.entropy[-1:],
+                                    top_ids=v.top_ids[-1:], top_p=v.top_p[-1:]))
 
 
 def check_last_rows_suffice(emitter: object, step: LayerStep) -> None:

@@ -70,6 +70,43 @@ class PassContext:
         return len(self.input_ids) - 1
 
 
+@dataclass(frozen=True)
+class RowValues:
+    """A step's per-row numbers as Python values, converted once per decoded chunk."""
+
+    finite: Sequence[bool]
+    """Per row: every logit finite."""
+    entropy: Sequence[float]
+    top_ids: Sequence[Sequence[int]]
+    """Per row: the top-K ids (K = the largest top-k written), most probable first."""
+    top_p: Sequence[Sequence[float]]
+    """Per row: their probabilities."""
+
+
+@dataclass(frozen=True)
+class LastRow:
+    """The last position's numbers under one lens at one layer.
+
+    Computed for every layer and pass of a decoded chunk at once
+    (``lens.decode.last_rows``); when ``finite`` is False the others mean nothing.
+    """
+
+    finite: bool
+    """Every log-probability finite."""
+    top1_id: int
+    """``argmax`` (the first of tied maxima)."""
+    p_top1: float
+    p_answer: float | None
+    """None when the gold answer has no first id."""
+    rank: int | None
+    kl_bits: float
+    """KL to the model's head, in bits, unrounded."""
+    cosine: float
+    """Cosine of the logits to the head's logits."""
+    p_contrast: float | None
+    """Probability of the control's contrast id (control passes), else None."""
+
+
 @dataclass(frozen=True, eq=False)
 class LayerStep:
     """One layer of one pass decoded by one lens."""
@@ -91,6 +128,10 @@ class LayerStep:
     """(seq, K) their ids."""
     window: tuple[int, ...]
     """Top-1 ids at the last position of the last ≤ k layers, this layer's last."""
+    values: RowValues
+    """``entropy``, finiteness and the top-k of every row, as Python values."""
+    last: LastRow
+    """The last position's answer-related numbers."""
 
     @property
     def last_row(self) -> int:
@@ -115,9 +156,8 @@ class Emitter(Protocol):
     def emit(self, step: LayerStep) -> Iterable[Record]: ...
 
 
-def _topk_pairs(step: LayerStep, pos: int, k: int) -> tuple[tuple[str, float], ...]:
-    ids = step.top_ids[pos, :k].tolist()
-    probs = step.top_p[pos, :k].tolist()
+def _topk_pairs(step: LayerStep, row: int, k: int) -> tuple[tuple[str, float], ...]:
+    ids, probs = step.values.top_ids[row][:k], step.values.top_p[row][:k]
     return tuple(zip(step.ctx.table.texts(ids), probs, strict=True))
 
 
@@ -131,15 +171,14 @@ class PositionEmitter:
     rows: Rows = "all"
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
-        ctx = step.ctx
-        entropies = step.entropy.tolist()
-        finite = torch.isfinite(step.logits).all(dim=-1).tolist()
+        ctx, values = step.ctx, step.values
         for pos, token in enumerate(ctx.tokens):
             k = ctx.config.topk_verbose if ctx.verbose[pos] else ctx.config.topk_brief
-            pairs = _topk_pairs(step, pos, k) if finite[pos] else ()
+            finite = values.finite[pos]
+            pairs = _topk_pairs(step, pos, k) if finite else ()
             yield PositionRecord(step.lens, ctx.prompt_id, ctx.variant, step.layer, pos, token,
-                                 entropies[pos] if finite[pos] else math.nan, pairs,
-                                 _rest(pairs) if finite[pos] else math.nan, fact_id=ctx.fact_id)
+                                 values.entropy[pos] if finite else math.nan, pairs,
+                                 _rest(pairs) if finite else math.nan, fact_id=ctx.fact_id)
 
 
 @dataclass(frozen=True)
@@ -164,12 +203,29 @@ def scalars(logp: Tensor, gold: GoldAnswer, table: TokenTable) -> Scalars:
     a rank counted against NaN would claim rank 1.
     """
     if not bool(torch.isfinite(logp).all()):
-        return Scalars(math.nan, None, None if gold.first_id is None else math.nan, None, None)
+        return _non_finite_scalars(gold)
     top = int(torch.argmax(logp))
-    p_top1 = float(logp[top].exp())
+    if gold.first_id is None:
+        return _judged(float(logp[top].exp()), top, None, None, gold, table)
+    return _judged(float(logp[top].exp()), top, float(logp[gold.first_id].exp()),
+                   int(metrics.answer_rank(logp, gold.first_id)), gold, table)
+
+
+def last_scalars(last: LastRow, gold: GoldAnswer, table: TokenTable) -> Scalars:
+    """``scalars`` of the last position, from the numbers its chunk computed."""
+    if not last.finite:
+        return _non_finite_scalars(gold)
+    return _judged(last.p_top1, last.top1_id, last.p_answer, last.rank, gold, table)
+
+
+def _non_finite_scalars(gold: GoldAnswer) -> Scalars:
+    return Scalars(math.nan, None, None if gold.first_id is None else math.nan, None, None)
+
+
+def _judged(p_top1: float, top: int, p_answer: float | None, rank: int | None,
+            gold: GoldAnswer, table: TokenTable) -> Scalars:
+    """is_answer: rank 1 of the gold id, or (no gold id) the top-1 text equal to the gold string."""
     if gold.first_id is not None:
-        p_answer = float(logp[gold.first_id].exp())
-        rank = int(metrics.answer_rank(logp, gold.first_id))
         return Scalars(p_top1, top, p_answer, rank, rank == 1)
     return Scalars(p_top1, top, None, None, table.text(top).strip() == gold.string.strip())
 
@@ -183,18 +239,18 @@ class NextTokenEmitter:
     rows: Rows = "last"
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
-        ctx, cfg, last = step.ctx, step.ctx.config, step.last_row
-        logp = step.logp[last]
-        s = scalars(logp, ctx.gold, ctx.table)
+        ctx, cfg, row, last = step.ctx, step.ctx.config, step.last_row, step.last
+        s = last_scalars(last, ctx.gold, ctx.table)
         if not s.finite:
             yield self._non_finite(step)
             return
-        pairs = _topk_pairs(step, last, cfg.topk_brief)
-        p2 = float(step.top_p[last, 1]) if step.top_p.shape[1] > 1 else 0.0
-        entropy = float(step.entropy[last])
+        pairs = _topk_pairs(step, row, cfg.topk_brief)
+        top_p = step.values.top_p[row]
+        p2 = top_p[1] if len(top_p) > 1 else 0.0
+        entropy = step.values.entropy[row]
         margin = None
-        if ctx.contrast_first_id is not None and ctx.gold.first_id is not None:
-            margin = metrics.settle(s.p_answer - float(logp[ctx.contrast_first_id].exp()))  # type: ignore[operator]
+        if last.p_contrast is not None and s.p_answer is not None:
+            margin = metrics.settle(s.p_answer - last.p_contrast)
         yield NextTokenRecord(
             lens=step.lens, prompt_id=ctx.prompt_id, variant=ctx.variant, layer=step.layer,
             pos=ctx.last, token=NEXT_TOKEN, entropy=entropy, topk=pairs, rest_mass=_rest(pairs),
@@ -207,9 +263,9 @@ class NextTokenEmitter:
             p_top1=s.p_top1,
             p_top5=math.fsum(p for _, p in pairs[:5]),
             p_answer=s.p_answer,
-            kl_to_final_bits=metrics.settle(metrics.kl_bits(logp, ctx.head_logp)),
+            kl_to_final_bits=metrics.settle(last.kl_bits),
             answer_rank=s.rank,
-            cos_to_final=float(metrics.cosine(step.logits[last], ctx.head_logits.to(step.logits.dtype))),
+            cos_to_final=last.cosine,
             control_margin=margin,
             fact_id=ctx.fact_id,
         )
@@ -289,16 +345,19 @@ class LastLayerConsistency:
         lens_s = scalars(logp, ctx.gold, ctx.table)
         head_s = scalars(target, ctx.gold, ctx.table)
         temps = TEMPERATURES.to(device=z.device, dtype=z.dtype)
-        kls = metrics.kl_bits(torch.log_softmax(z[None, :] / temps[:, None], dim=-1), target[None, :])
+        kls = metrics.kl_bits(torch.log_softmax(z[None, :] / temps[:, None], dim=-1),
+                              target[None, :])
         best = int(torch.argmin(kls))
         scale, softcap = ctx.head_transform.get("scale"), ctx.head_transform.get("softcap")
 
         def kl_after(declared: bool) -> float | None:
-            # z already went through the model's head (lens.unembed): a declared transform is applied
+            # z already went through the model's head (lens.unembed): a declared transform
+            # is applied
             return kl if declared else None
         yield ConsistencyRecord(
             lens=step.lens, layer=step.layer, kl_to_final_bits=kl,
-            top1_agree=lens_s.top1_id == head_s.top1_id if lens_s.finite and head_s.finite else None,
+            top1_agree=(lens_s.top1_id == head_s.top1_id
+                        if lens_s.finite and head_s.finite else None),
             p_top1_lens=lens_s.p_top1, p_top1_model=head_s.p_top1,
             p_answer_lens=lens_s.p_answer, answer_rank_lens=lens_s.rank,
             temp_est=float(temps[best]) if math.isfinite(kl) else math.nan,

@@ -1,27 +1,27 @@
 """Passes: one prompt variant, one forward, every layer decoded by every lens.
 
-``Pass.run`` is the template method (``@final``). A subclass says only which
-prompt and gold answer it uses and which emitters it feeds; ``Pass.routes``
-turns that into the pass's routing table, one ``Route`` (lens, rows decoded,
-emitters) per lens, so every lens reaches the emitters by the same road and
-decodes only the rows its emitters read.
+A subclass says only which prompt and gold answer it uses and which emitters
+it feeds; ``Pass.routes`` turns that into the pass's routing table, one
+``Route`` (lens, rows decoded, emitters) per lens, so every lens reaches the
+emitters by the same road and decodes only the rows its emitters read.
+``run_passes`` runs the routes of any number of forwarded passes, each lens's
+rows of all of them decoded together (``lens.decode.decode_many``): the
+passes of one fact, or of a batch of facts. ``Pass.run`` is that for one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, final
 
 import torch
-from torch import Tensor
 
-from lens import metrics
 from lens.config import Fact, RunConfig
+from lens.decode import decode_many
 from lens.emitters import (
     Emitter,
     LastLayerConsistency,
-    LayerStep,
     NextTokenEmitter,
     PassContext,
     PositionEmitter,
@@ -35,11 +35,8 @@ from lens.model import Capture, LoadedModel, capture, tokenize
 from lens.timing import StageTimer, maybe_iterate, maybe_stage
 from lens.tokens import TokenTable
 from lens.unembed import analysis_dtype
-from lens.windows import RollingWindow
 
 PUNCT_STRIP = ".,!?;:"
-CHUNK_ELEMENTS = 1 << 25
-"""Decode at most this many logits (layers × positions × vocab) per matmul."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,20 +176,8 @@ class Pass:
                 ``breakdown/emit`` seconds (optional).
         """
         ids = self.token_ids(analysis)
-        cap = self._forward(analysis, ids, cap, timer)
-        ctx = self.context(analysis, cap, ids)
-        records: list[Record] = []
-        for r in self.routes(analysis):
-            resids = cap.resids if r.rows == "all" else cap.resids[:, -1:]
-            for step in maybe_iterate(timer, "breakdown/decode", decode_steps(ctx, r.lens, resids)):
-                with maybe_stage(timer, "breakdown/emit"):
-                    for emitter in r.emitters:
-                        records.extend(emitter.emit(step))
-                if analysis.progress is not None:
-                    analysis.progress(r.label, step.layer, analysis.model.n_layers)
-                del step  # let decode_steps free this chunk before decoding the next
-        return PassResult(ctx=ctx, records=tuple(records), capture=cap,
-                          non_finite_layer=first_non_finite_layer(cap))
+        return run_passes(analysis, [(self, self._forward(analysis, ids, cap, timer))],
+                          timer=timer)[0]
 
     def _forward(self, analysis: Analysis, ids: list[int], cap: Capture | None,
                  timer: StageTimer | None) -> Capture:
@@ -260,57 +245,44 @@ def first_non_finite_layer(cap: Capture) -> int | None:
     return None if bool(torch.isfinite(cap.head_logits).all()) else int(cap.resids.shape[0])
 
 
-def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:
-    """Decode all layers in chunks of layers, one matmul per chunk; yield a step per layer.
+def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
+               timer: StageTimer | None = None) -> list[PassResult]:
+    """Run already-forwarded passes together; each result equals that pass run alone.
 
-    A chunk holds at most a third of the pass's layers (and at most
-    ``CHUNK_ELEMENTS`` logits), so that its working set (logits, log-probs and
-    one temporary for the entropy) stays within the size of one pass's full
-    logits tensor. The generator lets go of a chunk before decoding the next, so
-    a consumer that drops each step before asking for the next one (as
-    ``Pass.run`` does; a step's tensors are views of its chunk) holds one chunk
-    at a time.
+    The routes of every pass are grouped by (lens, rows) and each group is
+    decoded by ``decode_many``, so one matmul serves the rows of many passes;
+    every (pass, route) still gets its steps in layer order with its own copy
+    window, and a pass's records are joined in routing-table order. ``timer``
+    gets ``breakdown/decode`` and ``breakdown/emit`` seconds.
     """
-    n_layers, seq, _ = resids.shape
-    vocab = lens.unembed.d_vocab
-    dtype = ctx.head_logp.dtype
-    k = min(max(ctx.config.topk_verbose, ctx.config.topk_brief), vocab)
-    per_chunk = max(1, min(CHUNK_ELEMENTS // max(1, seq * vocab), -(-n_layers // 3)))
-    window = RollingWindow(ctx.config.copy_window_k)
-    for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k):
-        layers, logits, logp, entropy, top_p, top_ids = chunk
-        last_top1 = top_ids[:, -1, 0].tolist()
-        for i, layer in enumerate(layers):
-            yield LayerStep(
-                ctx=ctx, lens=lens.name, layer=layer, resid=resids[layer], logits=logits[i],
-                logp=logp[i], entropy=entropy[i], top_p=top_p[i], top_ids=top_ids[i],
-                window=window.push(last_top1[i]),
-            )
-        del chunk, logits, logp, entropy, top_p, top_ids
-
-
-DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
-"""(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
-(len(layers), rows, …)."""
-
-
-def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
-                   k: int) -> Iterator[DecodedChunk]:
-    """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
-
-    One scratch buffer serves every chunk's entropy. ``decode_steps`` (one pass)
-    and ``lens.batched.decode_many`` (many passes' rows side by side) both decode
-    through here, so the numbers of a batched run are those of a pass alone.
-    """
-    n_layers = resids.shape[0]
-    scratch: Tensor | None = None
-    for start in range(0, n_layers, per_chunk):
-        layers = list(range(start, min(n_layers, start + per_chunk)))
-        logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
-        logp = torch.log_softmax(logits, dim=-1)
-        if scratch is None:
-            scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
-        entropy = metrics.entropy_bits(logp, scratch=scratch)
-        top_logp, top_ids = torch.topk(logp, k, dim=-1)
-        yield layers, logits, logp, entropy, top_logp.exp(), top_ids
-        del logits, logp, entropy, top_logp, top_ids
+    prepared = []
+    for p, cap in chunk:
+        ids = p.token_ids(analysis)
+        if cap.resids.shape[1] != len(ids):
+            raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
+                             f"the prompt {len(ids)} tokens")
+        prepared.append((p.context(analysis, cap, ids), cap, p.routes(analysis)))
+    widest = max(cap.resids.shape[1] for _, cap, _ in prepared)  # one pass's positions
+    sinks: list[list[list[Record]]] = [[[] for _ in routes] for _, _, routes in prepared]
+    groups: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    lenses: dict[int, Lens] = {}
+    for i, (_, _, routes) in enumerate(prepared):
+        for j, r in enumerate(routes):
+            groups.setdefault((id(r.lens), r.rows), []).append((i, j))
+            lenses[id(r.lens)] = r.lens
+    for (lens_id, rows), members in groups.items():
+        items = [(prepared[i][0], prepared[i][1].resids if rows == "all"
+                  else prepared[i][1].resids[:, -1:]) for i, _ in members]
+        steps = decode_many(items, lenses[lens_id], widest=widest)
+        for m, step in maybe_iterate(timer, "breakdown/decode", steps):
+            i, j = members[m]
+            r = prepared[i][2][j]
+            with maybe_stage(timer, "breakdown/emit"):
+                for emitter in r.emitters:
+                    sinks[i][j].extend(emitter.emit(step))
+            if analysis.progress is not None:
+                analysis.progress(r.label, step.layer, analysis.model.n_layers)
+            del step  # let decode_many free this chunk before decoding the next
+    return [PassResult(ctx=ctx, records=tuple(rec for sink in sinks[i] for rec in sink),
+                       capture=cap, non_finite_layer=first_non_finite_layer(cap))
+            for i, (ctx, cap, _) in enumerate(prepared)]

@@ -14,13 +14,12 @@ import torch
 
 from lens import summaries
 from lens.aggregate import FactRecords, aggregate_report
-from lens.batched import run_passes
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
 from lens.metrics import entropy_bits
-from lens.model import Capture, LoadedModel, capture_batch, head_logits, tokenize
-from lens.passes import Analysis, Pass, PassResult, passes_for
+from lens.model import LoadedModel, capture, capture_batch, head_logits, tokenize
+from lens.passes import Analysis, Pass, PassResult, passes_for, run_passes
 from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Record
 from lens.timing import StageTimer, maybe_stage
 from lens.tokens import TokenTable
@@ -108,38 +107,41 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
+def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]], *, padded: bool,
                timer: StageTimer | None = None) -> list[PassResult]:
-    """Run a chunk of passes: one forward each when alone; when several, one padded forward
-    and each lens's rows of every pass decoded together (``lens.batched.run_passes``,
-    timed as ``passes/batched``)."""
+    """Run a chunk of passes: their forwards, then each lens's rows of all of them decoded
+    together (``lens.passes.run_passes``); the whole timed as ``passes/all``.
+
+    ``padded`` runs the forwards as one right-padded batch (many facts); else each
+    pass has its own forward, the reference computation of a one-fact probe. A
+    ``LensError`` makes the passes run one by one, so that the error names its fact
+    and pass.
+    """
     def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
         return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
 
-    caps: list[Capture | None] = [None] * len(chunk)
-    if len(chunk) > 1:
+    with maybe_stage(timer, "passes/all"):
         ids = []
         for fact, p in chunk:
             try:
                 ids.append(p.token_ids(analysis))
             except LensError as exc:
                 raise named(fact, p, exc) from exc
-        caps = list(capture_batch(analysis.model, ids))
+        with maybe_stage(timer, "breakdown/capture"):
+            caps = (list(capture_batch(analysis.model, ids)) if padded
+                    else [capture(analysis.model, i) for i in ids])
         try:
-            with maybe_stage(timer, "passes/batched"):
-                return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps,
-                                                                            strict=True)],
-                                  timer=timer)
+            return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps, strict=True)],
+                              timer=timer)
         except LensError:
             pass  # run them one by one below, so that the error names its fact and pass
-    results = []
-    for (fact, p), cap in zip(chunk, caps, strict=True):
-        try:
-            with maybe_stage(timer, f"passes/{p.prompt_id}/{p.variant}"):
+        results = []
+        for (fact, p), cap in zip(chunk, caps, strict=True):
+            try:
                 results.append(p.run(analysis, cap, timer=timer))
-        except LensError as exc:
-            raise named(fact, p, exc) from exc
-    return results
+            except LensError as exc:
+                raise named(fact, p, exc) from exc
+        return results
 
 
 def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
@@ -150,21 +152,23 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
 
     A one-fact probe runs each pass in its own forward (so its outputs are the
     reference bytes); a probe with more facts runs its passes, fact by fact,
-    in padded batches of ``config.batch_size`` prompts. Residuals are kept only
-    with ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
+    in padded batches of ``config.batch_size`` prompts. Either way the rows of a
+    chunk's passes are decoded together. Residuals are kept only with
+    ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
-    as facts complete; ``timer`` gets ``passes/<prompt_id>/<variant>`` (summed over
-    facts) and ``head_probes`` seconds.
+    as facts complete; ``timer`` gets ``passes/all``, ``breakdown/*`` and
+    ``head_probes`` seconds.
     """
     analysis = build_analysis(model, config, progress=progress)
     plan = [(fact, p) for fact in probe.facts for p in passes_for(fact)]
-    size = config.batch_size if probe.is_multi else 1
+    size = config.batch_size if probe.is_multi else len(plan)
     by_fact: dict[str, list[PassResult]] = {f.id: [] for f in probe.facts}
     last_pass = {fact.id: i for i, (fact, _) in enumerate(plan)}
     done = 0
     for start in range(0, len(plan), size):
         chunk = plan[start:start + size]
-        for (fact, _), res in zip(chunk, _run_chunk(analysis, chunk, timer), strict=True):
+        results = _run_chunk(analysis, chunk, padded=probe.is_multi, timer=timer)
+        for (fact, _), res in zip(chunk, results, strict=True):
             by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
         finished = sum(1 for i in last_pass.values() if i < start + size)
         if fact_progress is not None and finished > done:
@@ -197,7 +201,8 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
                     sidecar_lenses=tuple(lens.name for lens in analysis.sidecar_lenses))
 
 
-def _pure(results: Sequence[PassResult], lens: str, prompt_id: str, variant: str) -> list[NextTokenRecord]:
+def _pure(results: Sequence[PassResult], lens: str, prompt_id: str,
+          variant: str) -> list[NextTokenRecord]:
     return [r for res in results for r in res.records
             if isinstance(r, NextTokenRecord) and r.lens == lens
             and r.prompt_id == prompt_id and r.variant == variant]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lens.batched import decode_many, run_passes
 from lens.config import RunConfig
+from lens.decode import decode_many
 from lens.model import capture_batch
-from lens.passes import passes_for
+from lens.passes import passes_for, run_passes
 from lens.probe import load_probe
 from lens.records import record_values
 from lens.report import build_analysis

@@ -24,6 +24,7 @@ from lens.checks import (
     last_row_only,
 )
 from lens.config import RunConfig, default_probe
+from lens.decode import decode_steps
 from lens.emitters import (
     LastLayerConsistency,
     LayerStep,
@@ -33,7 +34,7 @@ from lens.emitters import (
 )
 from lens.lenses import LogitLens, NormLens, RawLens
 from lens.model import capture, tokenize
-from lens.passes import OrigPass, decode_steps
+from lens.passes import OrigPass
 from lens.records import NEXT_TOKEN, Record
 from lens.report import build_analysis
 

@@ -7,8 +7,9 @@ import torch
 
 from lens import metrics
 from lens.config import RunConfig, default_probe
+from lens.decode import decode_steps
 from lens.model import capture, tokenize
-from lens.passes import decode_steps, passes_for
+from lens.passes import passes_for
 from lens.report import build_analysis
 from lens.testing import TINY_MODELS
 
@@ -70,7 +71,7 @@ def test_steps_carry_the_copy_window(tiny_models):
 
 
 def test_layer_chunking_does_not_change_numbers(tiny_models, monkeypatch):
-    import lens.passes as passes
+    import lens.decode as decode
 
     model = tiny_models["tiny-llama"]
     analysis = build_analysis(model, RunConfig(dtype="float64"))
@@ -79,6 +80,6 @@ def test_layer_chunking_does_not_change_numbers(tiny_models, monkeypatch):
     cap = capture(model, ids)
     ctx = orig.context(analysis, cap, ids)
     whole = [s.logp for s in decode_steps(ctx, analysis.lens, cap.resids)]
-    monkeypatch.setattr(passes, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(decode, "CHUNK_ELEMENTS", 1)
     chunked = [s.logp for s in decode_steps(ctx, analysis.lens, cap.resids)]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(whole, chunked, strict=True))

@@ -8,8 +8,9 @@ import weakref
 import pytest
 
 from lens.config import RunConfig, default_probe
+from lens.decode import decode_steps
 from lens.model import capture, tokenize
-from lens.passes import decode_steps, passes_for
+from lens.passes import passes_for
 from lens.report import build_analysis
 from lens.testing import TINY_MODELS
 

@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lens import prism_fit
+from lens.artifacts import ModelFacts
 from lens.checks import check_emitter
 from lens.config import RunConfig, default_probe
+from lens.decode import decode_steps
 from lens.lenses import NormLens
 from lens.model import capture, capture_batch, tokenize
-from lens.passes import OrigPass, decode_steps
-from lens.artifacts import ModelFacts
+from lens.passes import OrigPass
 from lens.prism import EPS, PrismArtifacts, PrismLens, load_artifacts
 from lens.prism_maths import (
     Reservoir,

@@ -97,9 +97,10 @@ def test_timings_file_has_every_stage(run_lens):
     assert status == 0
     timings = json.loads(files["output-tiny-llama-timings.json"])
     assert {"load", "passes", "head_probes", "write", "total"} <= timings.keys()
-    assert list(timings["passes"]) == ["pos/orig", "pos/no_filler", "ctl/orig"]
-    stages = [timings["load"], *timings["passes"].values(), timings["head_probes"],
-              timings["write"]]
+    assert list(timings["passes"]) == ["all"]  # the three passes, decoded together
+    assert list(timings["breakdown"]) == ["capture", "decode", "emit"]
+    assert sum(timings["breakdown"].values()) <= timings["passes"]["all"] + 1e-3
+    stages = [timings["load"], timings["passes"]["all"], timings["head_probes"], timings["write"]]
     assert all(s >= 0 for s in stages) and sum(stages) <= timings["total"] + 1e-3
     assert "timings" not in files["output-tiny-llama.json"].decode()
 

@@ -1,0 +1,184 @@
+"""Decoding: residual rows → logits, log-probs, entropy, top-k and the numbers records read.
+
+Every route of every pass decodes through ``decode_many``: one pass alone
+(``lens.passes.decode_steps``) or the rows of many passes side by side
+(``lens.passes.run_passes``) go through the same chunks, so a batched run
+gives the numbers of a pass alone. Per chunk, what the record emitters read
+is computed for all of its layers and passes at once (``RowValues``,
+``LastRow``): a few large tensor operations instead of a dozen small ones per
+layer, pass and lens. On a many-fact probe the small ones cost more than the
+matmul, most of all when OpenMP threads wait on busy cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from lens import metrics
+from lens.emitters import LastRow, LayerStep, PassContext, RowValues
+from lens.lenses import Lens
+from lens.windows import RollingWindow
+
+CHUNK_ELEMENTS = 1 << 25
+"""Decode at most this many logits (layers × positions × vocab) per matmul."""
+SLICE_ELEMENTS = 1 << 22
+"""The last-position metrics work on at most this many logits at a time (their temporaries)."""
+
+DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
+(len(layers), rows, …)."""
+
+
+def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
+                   k: int) -> Iterator[DecodedChunk]:
+    """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
+
+    One scratch buffer serves every chunk's entropy.
+    """
+    n_layers = resids.shape[0]
+    scratch: Tensor | None = None
+    for start in range(0, n_layers, per_chunk):
+        layers = list(range(start, min(n_layers, start + per_chunk)))
+        logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
+        logp = torch.log_softmax(logits, dim=-1)
+        if scratch is None:
+            scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
+        entropy = metrics.entropy_bits(logp, scratch=scratch)
+        top_logp, top_ids = torch.topk(logp, k, dim=-1)
+        yield layers, logits, logp, entropy, top_logp.exp(), top_ids
+        del logits, logp, entropy, top_logp, top_ids
+
+
+def as_lists(t: Tensor) -> list:  # type: ignore[type-arg]
+    """``t.tolist()``, through numpy where it can (several times faster for int64)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.tolist()  # type: ignore[no-any-return]
+    return t.detach().cpu().numpy().tolist()  # type: ignore[no-any-return]
+
+
+def finite_rows(logits: Tensor) -> Tensor:
+    """(..., vocab) → (...): whether every logit of a row is finite.
+
+    A row's sum is finite exactly when its terms are, unless finite terms
+    overflow: only rows whose sum is not finite are checked element by element.
+    """
+    finite = logits.sum(dim=-1).isfinite()
+    if not bool(finite.all()):
+        suspect = ~finite
+        finite[suspect] = logits[suspect].isfinite().all(dim=-1)
+    return finite
+
+
+def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
+              lasts: Sequence[int]) -> list[list[LastRow]]:
+    """The last-position numbers of every layer × pass of a chunk: ``[layer][pass]``.
+
+    Args:
+        ctxs: The passes, one per entry of ``lasts``.
+        logits, logp: (layers, rows, vocab) the chunk.
+        lasts: Row of each pass's last position in the chunk.
+
+    A row whose log-probs are not all finite gets ``finite=False`` (its other
+    numbers mean nothing), as ``lens.emitters.scalars`` would say of it.
+    """
+    n_layers, n_rows, vocab = logp.shape
+    device = logp.device
+    idx = torch.tensor(list(lasts), device=device)
+    every = list(lasts) == list(range(n_rows))  # a chunk of last rows only: no gathered copy
+    head_logp = torch.stack([c.head_logp for c in ctxs]).to(device=device, dtype=logp.dtype)
+    head_z = torch.stack([c.head_logits for c in ctxs]).to(device=device, dtype=logits.dtype)
+    ids = torch.tensor([[c.gold.first_id or 0, c.contrast_first_id or 0] for c in ctxs],
+                       device=device)
+    columns: list[list[list[float]]] = []  # per metric: [layer][pass]
+    per = max(1, SLICE_ELEMENTS // max(1, len(ctxs) * vocab))
+    for s in range(0, n_layers, per):
+        lp = logp[s:s + per] if every else logp[s:s + per, idx]
+        z = logits[s:s + per] if every else logits[s:s + per, idx]
+        top1 = lp.argmax(dim=-1, keepdim=True)
+        picked = lp.gather(-1, torch.cat([top1, ids.expand(*lp.shape[:2], 2)], dim=-1))
+        rank = 1 + (lp > picked[..., 1:2]).sum(dim=-1)
+        flat = [finite_rows(lp), top1[..., 0], *picked.exp().unbind(-1), rank,
+                metrics.kl_bits(lp, head_logp), metrics.cosine(z, head_z)]
+        if not columns:
+            columns = [[] for _ in flat]
+        for col, tensor in zip(columns, flat, strict=True):
+            col.extend(as_lists(tensor))
+    ok, top1_id, p_top1, p_answer, p_contrast, rank, kl, cos = columns
+    return [[LastRow(finite=ok[li][g], top1_id=int(top1_id[li][g]), p_top1=p_top1[li][g],
+                     p_answer=p_answer[li][g] if c.gold.first_id is not None else None,
+                     rank=int(rank[li][g]) if c.gold.first_id is not None else None,
+                     kl_bits=kl[li][g], cosine=cos[li][g],
+                     p_contrast=p_contrast[li][g] if c.contrast_first_id is not None else None)
+             for g, c in enumerate(ctxs)] for li in range(n_layers)]
+
+
+def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
+                widest: int | None = None) -> Iterator[tuple[int, LayerStep]]:
+    """Decode several passes' rows with shared matmuls; yield ``(item index, step)``.
+
+    Each item is a pass context and its residual rows ``(n_layers + 1, rows_i,
+    d_model)``; every item's steps come in layer order. Items are grouped so
+    that one layer of a group fits the budget, then each group is decoded in
+    chunks of layers. A chunk holds at most the logits of a third of the layers
+    of one pass of ``widest`` positions (default: the widest item; and at most
+    ``CHUNK_ELEMENTS``): its working set (logits, log-probs, one temporary for
+    the entropy) stays within one pass's full logits. It is let go before the
+    next one is decoded, so a consumer that drops each step before asking for
+    the next holds one chunk at a time. Steps' tensors are views of their chunk.
+    """
+    if not items:
+        return
+    n_layers = items[0][1].shape[0]
+    vocab = lens.unembed.d_vocab
+    dtype = items[0][0].head_logp.dtype
+    config = items[0][0].config
+    k = min(max(config.topk_verbose, config.topk_brief), vocab)
+    widest = widest or max(r.shape[1] for _, r in items)
+    budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 3) * widest))  # rows × layers
+    windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
+    for group in _groups([rows.shape[1] for _, rows in items], budget):
+        resids = torch.cat([items[i][1] for i in group], dim=1)
+        ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        ctxs = [items[i][0] for i in group]
+        per_chunk = max(1, budget // resids.shape[1])
+        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k):
+            layers, logits, logp, entropy, top_p, top_ids = chunk
+            last = last_rows(ctxs, logits, logp, [b - 1 for _, b in spans])
+            lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]
+            for li, layer in enumerate(layers):
+                ok, ent, ids, ps = (x[li] for x in lists)
+                for gi, (i, (a, b)) in enumerate(zip(group, spans, strict=True)):
+                    yield i, LayerStep(
+                        ctx=ctxs[gi], lens=lens.name, layer=layer, resid=items[i][1][layer],
+                        logits=logits[li, a:b], logp=logp[li, a:b], entropy=entropy[li, a:b],
+                        top_p=top_p[li, a:b], top_ids=top_ids[li, a:b],
+                        window=windows[i].push(ids[b - 1][0]),
+                        values=RowValues(finite=ok[a:b], entropy=ent[a:b], top_ids=ids[a:b],
+                                         top_p=ps[a:b]),
+                        last=last[li][gi])
+            del chunk, logits, logp, entropy, top_p, top_ids
+
+
+def _groups(widths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive items whose rows together fit ``budget`` (an item alone may exceed it)."""
+    groups: list[list[int]] = []
+    width = 0
+    for i, w in enumerate(widths):
+        if groups and width + w <= budget:
+            groups[-1].append(i)
+            width += w
+        else:
+            groups.append([i])
+            width = w
+    return groups
+
+
+def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:
+    """One pass's rows decoded alone, a step per layer (``decode_many`` of one item)."""
+    for _, step in decode_many([(ctx, resids)], lens):
+        yield step
+        del step  # hold no view of this chunk while the next one is decoded
