@@ -30,6 +30,10 @@ class TokenTable:
         return self._text[int(token_id)]
 
     def texts(self, ids: Iterable[int]) -> list[str]:
-        ids = [int(i) for i in ids]
-        self._fill(ids)
-        return [self._text[i] for i in ids]
+        ids = list(ids)
+        try:  # the common case: every id decoded before
+            return [self._text[i] for i in ids]
+        except KeyError:
+            ids = [int(i) for i in ids]
+            self._fill(ids)
+            return [self._text[i] for i in ids]
