@@ -24,7 +24,7 @@ from lens.windows import RollingWindow
 
 CHUNK_ELEMENTS = 1 << 25
 """Decode at most this many logits (layers × positions × vocab) per matmul."""
-SLICE_ELEMENTS = 1 << 22
+SLICE_ELEMENTS = 1 << 20
 """The last-position metrics work on at most this many logits at a time (their temporaries)."""
 
 DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]

@@ -1,0 +1,99 @@
+"""The numbers ``lens.decode`` computes per chunk, against a plain computation row by row.
+
+``last_rows`` computes the next-token record's p_top1, p_answer, rank, KL to
+the head and cosine for every layer and pass of a chunk at once; here each
+record of a real run (several facts decoded together, float64) is recomputed
+from its residual with plain softmax/sum formulas, one layer and pass at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens.config import RunConfig
+from lens.decode import finite_rows, last_rows
+from lens.model import capture_batch
+from lens.passes import passes_for, run_passes
+from lens.probe import load_probe
+from lens.records import NextTokenRecord
+from lens.report import build_analysis
+from lens.testing import TINY_MODELS
+
+TINY_PROBE = Path(__file__).resolve().parent / "probes" / "tiny-multi.yaml"
+
+
+def _expected(logits: torch.Tensor, head: torch.Tensor, gold: int | None,
+              contrast: int | None) -> dict[str, float | int | None]:
+    """One row's numbers, written out from their definitions."""
+    p = torch.softmax(logits, dim=-1)
+    q = torch.softmax(head, dim=-1)
+    keep = p > 0
+    kl = float((p[keep] * (p[keep].log() - q[keep].log())).sum() / math.log(2))
+    cos = float(logits @ head / (logits.norm() * head.norm()))
+    top = int(torch.argmax(p))
+    out: dict[str, float | int | None] = {"p_top1": float(p[top]), "kl": kl, "cos": cos,
+                                          "p_answer": None, "rank": None, "margin": None}
+    if gold is not None:
+        out["p_answer"] = float(p[gold])
+        out["rank"] = 1 + int((p > p[gold]).sum())
+        if contrast is not None:
+            out["margin"] = float(p[gold] - p[contrast])
+    return out
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_next_token_numbers_equal_a_row_by_row_computation(tiny_models, name):
+    model = tiny_models[name]
+    analysis = build_analysis(model, RunConfig(dtype="float64", lenses=("logit",)))
+    passes = [p for fact in load_probe(TINY_PROBE).facts for p in passes_for(fact)]
+    caps = capture_batch(model, [p.token_ids(analysis) for p in passes])
+    results = run_passes(analysis, list(zip(passes, caps, strict=True)))
+    lenses = {lens.name: lens for lens in (analysis.lens, *analysis.sidecar_lenses,
+                                           *analysis.next_token_lenses)}
+    checked = 0
+    for result, cap in zip(results, caps, strict=True):
+        ctx = result.ctx
+        for r in result.records:
+            if not isinstance(r, NextTokenRecord):
+                continue
+            logits = lenses[r.lens].forward(cap.resids[r.layer, -1:], r.layer)[0]
+            want = _expected(logits, ctx.head_logits, ctx.gold.first_id, ctx.contrast_first_id)
+            assert r.p_top1 == pytest.approx(want["p_top1"], rel=1e-9, abs=1e-12)
+            assert r.kl_to_final_bits == pytest.approx(want["kl"], rel=1e-9, abs=1e-9)
+            assert r.cos_to_final == pytest.approx(want["cos"], rel=1e-9, abs=1e-12)
+            assert r.answer_rank == want["rank"]
+            if want["p_answer"] is None:
+                assert r.p_answer is None
+            else:
+                assert r.p_answer == pytest.approx(want["p_answer"], rel=1e-9, abs=1e-12)
+            if ctx.contrast_first_id is not None and want["margin"] is not None:
+                assert r.control_margin == pytest.approx(want["margin"], rel=1e-9, abs=1e-9)
+            checked += 1
+    assert checked >= len(passes) * (model.n_layers + 1) * 2  # norm and logit at least
+
+
+def test_finite_rows_equals_an_elementwise_check():
+    x = torch.randn(4, 5, 33)
+    x[0, 1, 3] = math.inf
+    x[1, 2, 0] = -math.inf
+    x[2, 0, 7] = math.nan
+    x[3, 4] = 3e38  # every term finite, their sum overflows
+    assert torch.equal(finite_rows(x), x.isfinite().all(dim=-1))
+
+
+def test_a_row_with_a_non_finite_log_probability_is_not_finite(tiny_models):
+    model = tiny_models["tiny-llama"]
+    analysis = build_analysis(model, RunConfig(dtype="float64"))
+    orig = passes_for(load_probe(TINY_PROBE).facts[0])[0]
+    ids = orig.token_ids(analysis)
+    (cap,) = capture_batch(model, [ids])
+    ctx = orig.context(analysis, cap, ids)
+    logits = analysis.lens.decode(cap.resids[:2, -1:], [0, 1]).to(torch.float64)
+    logits[1, 0, 5] = -math.inf  # a token the lens rules out: its log-probability is -inf
+    logp = torch.log_softmax(logits, dim=-1)
+    rows = last_rows([ctx], logits, logp, [0])
+    assert rows[0][0].finite and not rows[1][0].finite
