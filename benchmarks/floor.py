@@ -15,8 +15,9 @@ What a run cannot avoid, on the same model, in a fresh process:
   logits per matmul. ``--sidecar`` decodes the same rows once more through the
   final norm: the logit-lens sidecar, which ``python -m lens.run`` decodes by default.
 
-It computes no entropy, metric or record and writes nothing: everything else
-a run does counts as its overhead. ``benchmarks/whole.py`` times this script
+It computes no entropy, metric or record and writes nothing, and it exits
+without the interpreter's teardown, as ``python -m lens.run`` does: everything
+else a run does counts as its overhead. ``benchmarks/whole.py`` times this script
 against ``python -m lens.run``. It prints one line of JSON: seconds per stage.
 """
 
@@ -28,6 +29,7 @@ START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -88,9 +90,9 @@ def main() -> int:
             decode_rows(model, rows, lambda i: model.norms[-1])
         times["decode"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - START
-    print(json.dumps({k: round(v, 6) for k, v in times.items()}))
+    print(json.dumps({k: round(v, 6) for k, v in times.items()}), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    os._exit(main())  # no interpreter teardown: python -m lens.run skips it too

@@ -106,7 +106,8 @@ def resume_main(args: argparse.Namespace, config: RunConfig) -> int:
 
         require_ray()
     with RunDir.open(args.resume) as out:
-        listed = [*args.models] if args.models or args.models_file or args.preset else models_of(out)
+        given = args.models or args.models_file or args.preset
+        listed = [*args.models] if given else models_of(out)
         models, _ = model_list(listed, models_file=args.models_file, preset=args.preset,
                                default="")
         return run_sweep(models, config, out, quiet=args.quiet, probe=args.probe,
@@ -169,5 +170,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli() -> None:
+    """The ``lens-run`` console script and ``python -m``: ``main``, then ``exit_now``."""
+    from lens.interrupts import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

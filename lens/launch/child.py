@@ -64,4 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lens.interrupts import exit_now
+
+    exit_now(main())
