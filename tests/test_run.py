@@ -156,3 +156,29 @@ def test_rotation_with_a_fixed_clock(tmp_path):
     assert (tmp_path / "run-20260102-0304" / "a.txt").read_text() == "first"
     assert (tmp_path / "run-20260102-0304-2" / "a.txt").read_text() == "second"
     assert (tmp_path / "run-latest" / "timestamp-20260102-0304").exists()
+
+
+@pytest.mark.parametrize("entry", ["module", "console_script"])
+def test_a_process_that_skips_teardown_still_flushes_its_output(tmp_path, entry):
+    """``python -m lens.run`` and ``lens-run`` end with ``os._exit``: what they printed into a
+    pipe (block-buffered) and every file must be there, and the exit status must be main's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lens.testing import REPO
+
+    script = Path(sys.executable).parent / "lens-run"
+    if entry == "console_script" and not script.exists():
+        pytest.skip("lens-run is not installed next to this interpreter")
+    head = [sys.executable, "-m", "lens.run"] if entry == "module" else [str(script)]
+    out = tmp_path / "out"
+    proc = subprocess.run([*head, "tests/models/tiny-llama", "--device", "cpu", "--no-plots",
+                           "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("lens: tiny-llama: ") and proc.stdout.endswith(f"-> {out}\n")
+    assert "lens: tiny-llama: seconds: " in proc.stderr
+    assert (out / "output-tiny-llama.json").exists()
+    again = subprocess.run([*head, "tests/models/tiny-llama", "--device", "cpu", "--no-plots",
+                            "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 1 and "exists from an earlier run" in again.stderr
