@@ -1,0 +1,120 @@
+"""Drawing helpers for ``lens.plots``: fixed style, Agg figures, PNG bytes, cell labels as outlines.
+
+Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas (no
+``pyplot``: no global backend or figure state), drawn under ``STYLE`` at
+``DPI``, saved without ``Software`` metadata — the same input gives the same
+bytes. matplotlib is imported inside the functions, so importing ``lens``
+(and a ``--no-plots`` run) never imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DPI = 100
+STYLE = {
+    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10,
+    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
+    "axes.grid": False, "text.usetex": False, "svg.hashsalt": "lens",
+}
+
+
+def figure(width_px: int, height_px: int) -> Any:
+    """A figure of exactly ``width_px`` × ``height_px`` pixels on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png(fig: Any) -> bytes:
+    """The figure as PNG bytes, without the ``Software`` chunk (it names the matplotlib version)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for exotic token text
+        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def style() -> Any:
+    """A context that draws under ``STYLE`` without touching the caller's rcParams."""
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_outline(label: str) -> Any:
+    """``label``'s glyph outline (text_to_path.FONT_SCALE units), centred like ha=va="center".
+
+    Horizontally on its ink: the bounding box of the outline's points, which
+    for DejaVu Sans (extreme points on the curve, as TrueType fonts are drawn)
+    equals ``Path.get_extents`` — that walks every Bezier for its extrema and
+    was most of a heatmap's time. Vertically on one line for all labels, the
+    ink of "lp", so the labels share a baseline. Cached: a probe's heatmaps
+    repeat most labels, and the style (``STYLE``) is fixed.
+    """
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.path import Path as MplPath
+    from matplotlib.textpath import text_to_path
+    from matplotlib.transforms import Affine2D
+
+    prop = FontProperties()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for exotic token text
+        vertices, codes = text_to_path.get_text_path(prop, label)
+    ink = _ink(vertices, codes)
+    centre = (ink[0] + ink[1]) / 2 if ink else 0.0
+    return MplPath(vertices, codes).transformed(Affine2D().translate(-centre, -_line_middle()))
+
+
+@functools.cache
+def _line_middle() -> float:
+    """Half-way up the ink of "lp" (FONT_SCALE units): the one vertical centre of every label."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    _, _, y0, y1 = _ink(*text_to_path.get_text_path(FontProperties(), "lp"))
+    return (y0 + y1) / 2
+
+
+def _ink(vertices: Any, codes: Any) -> tuple[float, float, float, float] | None:
+    """(x0, x1, y0, y1) of an outline's points, leaving out CLOSEPOLY's placeholder vertex."""
+    from matplotlib.path import Path as MplPath
+
+    points = np.asarray(vertices, dtype=float).reshape(-1, 2)
+    points = points[np.asarray(codes) != MplPath.CLOSEPOLY]
+    if not len(points):
+        return None
+    (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+    return float(x0), float(x1), float(y0), float(y1)
+
+
+def cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: float,
+                transform: Any) -> Any:
+    """Cell labels ``(x, y, label, colour)`` (data coordinates) as ONE collection of outlines.
+
+    A ``Text`` artist per cell (hundreds per heatmap) costs a layout and a glyph
+    rendering each, most of a heatmap's time; one ``PathCollection`` draws them
+    in one call. Each distinct label becomes a path once, without mathtext.
+    ``transform`` places the cells (the axes' data transform).
+    """
+    from matplotlib.collections import PathCollection
+    from matplotlib.textpath import text_to_path
+    from matplotlib.transforms import Affine2D
+
+    return PathCollection(
+        [_label_outline(label) for _, _, label, _ in cells],
+        offsets=[(x, y) for x, y, _, _ in cells], offset_transform=transform,
+        transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72),
+        facecolors=[c for *_, c in cells], edgecolors="none", linewidths=0,
+        snap=False)  # snapping would erase thin strokes ("-")
