@@ -24,6 +24,8 @@ STYLE = {
     "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
     "axes.grid": False, "text.usetex": False, "svg.hashsalt": "lens",
 }
+PNG_COMPRESS_LEVEL = 3
+"""zlib level of the PNGs (heatmap 86 -> 43 ms to encode, 278 -> 285 kB; 6 is PIL's default)."""
 
 
 def figure(width_px: int, height_px: int) -> Any:
@@ -37,11 +39,16 @@ def figure(width_px: int, height_px: int) -> Any:
 
 
 def png(fig: Any) -> bytes:
-    """The figure as PNG bytes, without the ``Software`` chunk (it names the matplotlib version)."""
+    """The figure as PNG bytes, without the ``Software`` chunk (it names the matplotlib version).
+
+    zlib level ``PNG_COMPRESS_LEVEL``: the same pixels, files a few per cent larger than
+    at the default 6, in about half the encoding time.
+    """
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs for exotic token text
-        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None},
+                    pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buffer.getvalue()
 
 
