@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lens.plotkit import cell_labels, figure, png, style
+from lens.plotkit import cell_labels, drawing, figure, png
 from lens.records import NextTokenRecord, PositionRecord
 from lens.writers import read_csv_dicts, write_atomic
 
@@ -94,7 +94,7 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
             entropy[layer, pos - first] = r.entropy
     width, height = heatmap_size(n_pos, n_layers)
     m = HEAT_MARGINS
-    with style():
+    with drawing():
         fig = figure(width, height)
         ax = fig.add_axes((m["left"] / width, m["bottom"] / height,
                            len(cols) * CELL_W / width, (n_layers + 1) * CELL_H / height))
@@ -220,7 +220,7 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
     pts = points(records)
     n_facts = len({p.fact_id for p in pts})
     styles = lens_styles(p.lens for p in pts)
-    with style():
+    with drawing():
         fig = figure(*TRAJECTORY_SIZE)
         axes = _panels(fig, "layer", integer_x=True)
         handles = []
@@ -287,7 +287,7 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"]
-    with style():
+    with drawing():
         fig = figure(*SWEEP_SIZE)
         axes = _panels(fig, "normalised depth (layer / n_layers)", integer_x=False)
         handles = []
