@@ -170,3 +170,34 @@ def cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: flo
         transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72),
         facecolors=[c for *_, c in cells], edgecolors="none", linewidths=0,
         snap=False)  # snapping would erase thin strokes ("-")
+
+
+def minor_ticks_as_one_line(ax: Any) -> None:
+    """Draw ``ax``'s y minor ticks as ONE line of tick markers instead of a ``Tick`` each.
+
+    A log axis over several decades has eight unlabelled minor ticks per decade;
+    matplotlib builds each as a ``Tick`` (three lines, two texts) to draw one
+    marker. The same markers, at the minor locations inside the view (by
+    matplotlib's own test), drawn by one ``Line2D`` give the same pixels for a
+    fraction of the cost. An axis whose minor ticks carry labels is left as it
+    is. Call it once the limits are final (after the data is plotted).
+    """
+    import matplotlib
+    from matplotlib import lines, ticker, transforms
+
+    axis = ax.yaxis
+    low, high = sorted(axis.get_view_interval())
+    scale = axis.get_transform()
+    view = scale.transform([low, high])
+    locs = axis.get_minorticklocs()
+    if any(axis.get_minor_formatter().format_ticks(locs)):
+        return  # under about two decades a log axis labels its minor ticks: leave them be
+    shown = [loc for loc in locs if transforms._interval_contains_close(view, scale.transform(loc))]
+    rc = matplotlib.rcParams
+    marks = lines.Line2D(
+        np.zeros(len(shown)), shown, linestyle="none", marker=lines.TICKLEFT,
+        color=rc["ytick.color"], markeredgecolor=rc["ytick.color"],
+        markersize=rc["ytick.minor.size"], markeredgewidth=rc["ytick.minor.width"],
+        transform=ax.get_yaxis_transform("tick1"), zorder=axis.get_zorder(), clip_on=False)
+    axis.set_minor_locator(ticker.NullLocator())
+    ax.add_artist(marks)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lens.plotkit import cell_labels, drawing, figure, png
+from lens.plotkit import cell_labels, drawing, figure, minor_ticks_as_one_line, png
 from lens.records import NextTokenRecord, PositionRecord
 from lens.writers import read_csv_dicts, write_atomic
 
@@ -210,6 +210,13 @@ def _panels(fig: Any, xlabel: str, *, integer_x: bool) -> list[Any]:
     return flat
 
 
+def _finish_panels(axes: Sequence[Any]) -> None:
+    """Once every line is drawn: the log panels' minor ticks as one line (``plotkit``)."""
+    for ax in axes:
+        if ax.get_yscale() == "log":
+            minor_ticks_as_one_line(ax)
+
+
 def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> bytes:
     """Per-layer p_answer, rank, KL and entropy for orig/no_filler/control × every lens.
 
@@ -247,6 +254,7 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
                        frameon=False, handlelength=4)  # long enough to tell dash patterns apart
         suffix = f" — median over {n_facts} facts, band: interquartile range" if n_facts > 1 else ""
         fig.suptitle(title + suffix, parse_math=False)
+        _finish_panels(axes)
         return png(fig)
 
 
@@ -306,6 +314,7 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
             fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4),
                        frameon=False)
         fig.suptitle("logit lens across models: pos/orig, norm lens", parse_math=False)
+        _finish_panels(axes)
         data = png(fig)
     if path is not None:
         write_atomic(Path(path), data)
