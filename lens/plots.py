@@ -20,9 +20,7 @@ Files (beside the CSVs, ``--no-plots`` skips them):
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from lens.plotkit import cell_labels, drawing, figure, minor_ticks_as_one_line, png
 from lens.records import NextTokenRecord, PositionRecord
 from lens.writers import read_csv_dicts, write_atomic
 
-DPI = 100
-STYLE = {
-    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10,
-    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
-    "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
-    "axes.grid": False, "text.usetex": False, "svg.hashsalt": "lens",
-}
 CELL_W, CELL_H = 64, 22
 """Heatmap cell size in pixels."""
 HEAT_MARGINS = {"left": 70, "right": 110, "top": 56, "bottom": 110}
@@ -62,66 +54,6 @@ EXTRA_STYLES: tuple[tuple[Any, str], ...] = (
 PANELS = (("p_answer", "p(answer)", "linear"), ("answer_rank", "answer rank", "log"),
           ("kl_to_final_bits", "KL to final head (bits)", "linear"),
           ("entropy", "entropy (bits)", "linear"))
-
-
-# --- drawing helpers ---------------------------------------------------------
-
-
-def _figure(width_px: int, height_px: int) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing glyphs for exotic token text
-        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _style() -> Any:
-    import matplotlib
-
-    return matplotlib.rc_context(STYLE)
-
-
-def _cell_labels(cells: Sequence[tuple[float, float, str, str]], *, fontsize: float,
-                 transform: Any) -> Any:
-    """Cell labels ``(x, y, label, colour)`` (data coordinates) as ONE collection of outlines.
-
-    A ``Text`` artist per cell (hundreds per heatmap) costs a layout and a glyph
-    rendering each, most of a heatmap's time; one ``PathCollection`` draws them
-    in one call. Each distinct label becomes a path once, without mathtext.
-    ``transform`` places the cells (the axes' data transform).
-    """
-    from matplotlib.collections import PathCollection
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.path import Path as MplPath
-    from matplotlib.textpath import text_to_path
-    from matplotlib.transforms import Affine2D
-
-    prop = FontProperties()  # outlines come in text_to_path.FONT_SCALE units, scaled below
-    line = MplPath(*text_to_path.get_text_path(prop, "lp")).get_extents()
-    middle = (line.y0 + line.y1) / 2  # one baseline for all labels, centred like va="center"
-    shapes: dict[str, Any] = {}
-    for _, _, label, _ in cells:
-        if label not in shapes:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # missing glyphs for exotic token text
-                path = MplPath(*text_to_path.get_text_path(prop, label))
-            centre = sum(path.get_extents().intervalx) / 2 if len(path.vertices) else 0.0
-            shapes[label] = path.transformed(Affine2D().translate(-centre, -middle))
-    return PathCollection(
-        [shapes[label] for _, _, label, _ in cells],
-        offsets=[(x, y) for x, y, _, _ in cells], offset_transform=transform,
-        transform=Affine2D().scale(fontsize / text_to_path.FONT_SCALE * DPI / 72),
-        facecolors=[c for *_, c in cells], edgecolors="none", linewidths=0,
-        snap=False)  # snapping would erase thin strokes ("-")
 
 
 def display_token(text: str, limit: int = CELL_CHARS) -> str:
@@ -162,23 +94,19 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
             entropy[layer, pos - first] = r.entropy
     width, height = heatmap_size(n_pos, n_layers)
     m = HEAT_MARGINS
-    with _style():
-        fig = _figure(width, height)
+    with drawing():
+        fig = figure(width, height)
         ax = fig.add_axes((m["left"] / width, m["bottom"] / height,
                            len(cols) * CELL_W / width, (n_layers + 1) * CELL_H / height))
         vmax = max(1.0, float(np.nanmax(entropy))) if np.isfinite(entropy).any() else 1.0
         image = ax.imshow(entropy, origin="lower", aspect="auto", cmap="viridis",
                           vmin=0.0, vmax=vmax, interpolation="nearest")
-        cmap, norm = image.get_cmap(), image.norm
-        cells = []
-        for (layer, pos), r in sorted(grid.items()):
-            if pos < first or not r.topk:
-                continue
-            rgba = cmap(norm(r.entropy))
-            light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
-            cells.append((pos - first, layer, display_token(r.topk[0][0]),
-                          "black" if light else "white"))
-        ax.add_collection(_cell_labels(cells, fontsize=7, transform=ax.transData), autolim=False)
+        labelled = [(key, r) for key, r in sorted(grid.items()) if key[1] >= first and r.topk]
+        rgba = image.get_cmap()(image.norm(np.array([r.entropy for _, r in labelled])))
+        light = 0.299 * rgba[:, 0] + 0.587 * rgba[:, 1] + 0.114 * rgba[:, 2] > 0.5
+        cells = [(pos - first, layer, display_token(r.topk[0][0]), "black" if lit else "white")
+                 for ((layer, pos), r), lit in zip(labelled, light, strict=True)]
+        ax.add_collection(cell_labels(cells, fontsize=7, transform=ax.transData), autolim=False)
         tokens = {r.pos: r.token for r in grid.values()}
         ax.set_xticks(range(len(cols)),
                       [display_token(tokens.get(p, ""), 14) for p in cols], rotation=60,
@@ -186,13 +114,14 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
         for label in ax.get_xticklabels():
             label.set_parse_math(False)
         ax.set_yticks(range(n_layers + 1))
-        ax.set_xlabel("input position (token)" + (f", last {len(cols)} of {n_pos}" if first else ""))
+        shown = f", last {len(cols)} of {n_pos}" if first else ""
+        ax.set_xlabel(f"input position (token){shown}")
         ax.set_ylabel("layer")
         ax.set_title(title, parse_math=False, y=1.0)  # fixed y: no auto-placement pass
         cax = fig.add_axes(((width - m["right"] + 16) / width, m["bottom"] / height,
                             14 / width, (n_layers + 1) * CELL_H / height))
         fig.colorbar(image, cax=cax, label="entropy (bits)")
-        return _png(fig)
+        return png(fig)
 
 
 # --- trajectories ---------------------------------------------------------------
@@ -217,7 +146,8 @@ def _num(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def points(rows: Iterable[NextTokenRecord | Mapping[str, str]], *, lens: str = "norm") -> list[Point]:
+def points(rows: Iterable[NextTokenRecord | Mapping[str, str]], *,
+           lens: str = "norm") -> list[Point]:
     """Normalise pure records, or rows of a pure CSV read as dicts, to ``Point``s.
 
     CSV rows carry no lens column: they get ``lens`` (the CSV's own lens).
@@ -233,19 +163,26 @@ def points(rows: Iterable[NextTokenRecord | Mapping[str, str]], *, lens: str = "
     return out
 
 
-def _series(pts: Sequence[Point], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(layers, median, q25, q75) across facts, per layer."""
+def _series(pts: Sequence[Point],
+            metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(layers, median, q25, q75) across facts, per layer, over the finite values.
+
+    Layers with the same number of finite values go through ``np.median`` and
+    ``np.percentile`` together, one row each (the same numbers as a call per
+    layer, which cost more than drawing the trajectories did).
+    """
     by_layer: dict[int, list[float]] = {}
     for p in pts:
         by_layer.setdefault(p.layer, []).append(p.values[metric])
-    layers = np.array(sorted(by_layer), dtype=float)
-    med, q25, q75 = [], [], []
-    for layer in sorted(by_layer):
-        v = np.array([x for x in by_layer[layer] if math.isfinite(x)])
-        stats = (np.median(v), *np.percentile(v, [25, 75])) if v.size else (math.nan,) * 3
-        for out, value in zip((med, q25, q75), stats, strict=True):
-            out.append(float(value))
-    return layers, np.array(med), np.array(q25), np.array(q75)
+    layers = sorted(by_layer)
+    finite = [[x for x in by_layer[layer] if math.isfinite(x)] for layer in layers]
+    stats = np.full((len(layers), 3), np.nan)
+    for count in {len(values) for values in finite} - {0}:
+        rows = [i for i, values in enumerate(finite) if len(values) == count]
+        table = np.array([finite[i] for i in rows], dtype=float)
+        stats[rows, 0] = np.median(table, axis=1)
+        stats[rows, 1:] = np.percentile(table, [25, 75], axis=1).T
+    return np.array(layers, dtype=float), stats[:, 0], stats[:, 1], stats[:, 2]
 
 
 def lens_styles(lenses: Iterable[str]) -> dict[str, tuple[Any, str]]:
@@ -273,6 +210,13 @@ def _panels(fig: Any, xlabel: str, *, integer_x: bool) -> list[Any]:
     return flat
 
 
+def _finish_panels(axes: Sequence[Any]) -> None:
+    """Once every line is drawn: the log panels' minor ticks as one line (``plotkit``)."""
+    for ax in axes:
+        if ax.get_yscale() == "log":
+            minor_ticks_as_one_line(ax)
+
+
 def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> bytes:
     """Per-layer p_answer, rank, KL and entropy for orig/no_filler/control × every lens.
 
@@ -283,13 +227,14 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
     pts = points(records)
     n_facts = len({p.fact_id for p in pts})
     styles = lens_styles(p.lens for p in pts)
-    with _style():
-        fig = _figure(*TRAJECTORY_SIZE)
+    with drawing():
+        fig = figure(*TRAJECTORY_SIZE)
         axes = _panels(fig, "layer", integer_x=True)
         handles = []
         for rank, (prompt_id, variant, label, colour) in enumerate(VARIANTS):
-            for lens, (style, _) in styles.items():
-                sel = [p for p in pts if (p.prompt_id, p.variant, p.lens) == (prompt_id, variant, lens)]
+            for lens, (dashes, _) in styles.items():
+                key = (prompt_id, variant, lens)
+                sel = [p for p in pts if (p.prompt_id, p.variant, p.lens) == key]
                 if not sel:
                     continue
                 line = None
@@ -297,7 +242,7 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
                     layers, med, q25, q75 = _series(sel, metric)
                     if not np.isfinite(med).any():
                         continue
-                    line, = ax.plot(layers, med, linestyle=style, color=colour, linewidth=1.6,
+                    line, = ax.plot(layers, med, linestyle=dashes, color=colour, linewidth=1.6,
                                     label=f"{label} · {lens}", zorder=3 + len(VARIANTS) - rank)
                     if n_facts > 1 and lens == "norm":
                         ax.fill_between(layers, q25, q75, color=colour, alpha=0.15, linewidth=0,
@@ -309,7 +254,8 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
                        frameon=False, handlelength=4)  # long enough to tell dash patterns apart
         suffix = f" — median over {n_facts} facts, band: interquartile range" if n_facts > 1 else ""
         fig.suptitle(title + suffix, parse_math=False)
-        return _png(fig)
+        _finish_panels(axes)
+        return png(fig)
 
 
 # --- 3. sweep --------------------------------------------------------------------
@@ -349,8 +295,8 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"]
-    with _style():
-        fig = _figure(*SWEEP_SIZE)
+    with drawing():
+        fig = figure(*SWEEP_SIZE)
         axes = _panels(fig, "normalised depth (layer / n_layers)", integer_x=False)
         handles = []
         for i, model in enumerate(models):
@@ -365,9 +311,11 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
             if line is not None:
                 handles.append(line)
         if handles:
-            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False)
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4),
+                       frameon=False)
         fig.suptitle("logit lens across models: pos/orig, norm lens", parse_math=False)
-        data = _png(fig)
+        _finish_panels(axes)
+        data = png(fig)
     if path is not None:
         write_atomic(Path(path), data)
     return data
