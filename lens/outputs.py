@@ -147,13 +147,14 @@ def commit_order(name: str, files: Iterable[str]) -> list[str]:
 
 
 def run_files(run: Any, config: Any, *, evaluation: bytes | None = None,
-              plots: bool = False) -> dict[str, bytes]:
+              plots: bool = False, draw: Any = None) -> dict[str, bytes]:
     """File name → canonical bytes for one model's run (``lens.report.ModelRun``).
 
     A probe with more than one fact adds the ``fact_id`` column to the CSVs and
     writes ``output-<name>-aggregate.json``; a one-fact probe writes exactly the
     documented one-fact files. Every sidecar lens that ran (``run.sidecar_lenses``) gets its two
-    CSVs.
+    CSVs. ``plots`` adds the PNGs, drawn by ``draw`` (``lens.plotpool.PlotPool.draw``;
+    default: in this process).
     """
     from lens.writers import json_bytes, pure_csv, records_csv
 
@@ -175,7 +176,7 @@ def run_files(run: Any, config: Any, *, evaluation: bytes | None = None,
     if evaluation is not None:
         files[evaluation_file(name)] = evaluation
     if plots:
-        from lens.plots import plot_files
+        from lens.plots import draw_in_process, plot_jobs
 
-        files.update(plot_files(run))
+        files.update((draw or draw_in_process)(plot_jobs(run)))
     return files

@@ -201,3 +201,20 @@ def minor_ticks_as_one_line(ax: Any) -> None:
         transform=ax.get_yaxis_transform("tick1"), zorder=axis.get_zorder(), clip_on=False)
     axis.set_minor_locator(ticker.NullLocator())
     ax.add_artist(marks)
+
+
+def warm_up() -> None:
+    """Import what drawing uses and find the font, so that the first figure does not wait.
+
+    A plot worker (``lens.plotpool``) calls it at start, beside the model load.
+    """
+    import matplotlib
+    from matplotlib import collections, lines, textpath, ticker  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+    from matplotlib.font_manager import FontProperties, findfont
+
+    with matplotlib.rc_context(STYLE):
+        findfont(FontProperties())
+    _line_middle()
+    _canvas_class()

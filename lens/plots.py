@@ -324,25 +324,55 @@ def plot_sweep(models: Sequence[SweepModel], path: str | Path | None = None) -> 
 # --- a run's files ---------------------------------------------------------------
 
 
-def plot_files(run: Any) -> dict[str, bytes]:
-    """File name → PNG bytes for one model's run (``lens.report.ModelRun``)."""
+@dataclass(frozen=True)
+class PlotJob:
+    """One PNG of a run, as plain data: it may be drawn in a worker (``lens.plotpool``)."""
+
+    file: str
+    kind: str
+    """``heatmap`` (``plot_heatmap``) or ``trajectories`` (``plot_trajectories``)."""
+    records: tuple[PositionRecord | NextTokenRecord, ...]
+    title: str
+    n_layers: int = 0
+    """Heatmaps only: the model's number of blocks."""
+
+    def draw(self) -> bytes:
+        if self.kind == "heatmap":
+            return plot_heatmap(self.records, n_layers=self.n_layers,  # type: ignore[arg-type]
+                                title=self.title)
+        return plot_trajectories(self.records, title=self.title)  # type: ignore[arg-type]
+
+
+def plot_jobs(run: Any) -> list[PlotJob]:
+    """The PNGs of one model's run (``lens.report.ModelRun``): a heatmap per fact, then the
+    trajectories."""
     from lens.outputs import heatmap_file, trajectories_file
 
     name, n_layers = run.model.name, run.model.n_layers
     multi = run.probe.is_multi
-    files: dict[str, bytes] = {}
+    jobs = []
     for fact_run in run.facts:
         fid = fact_run.fact.id
-        recs = [r for p in fact_run.passes for r in p.records
-                if isinstance(r, PositionRecord) and r.lens == "norm"
-                and (r.prompt_id, r.variant) == ("pos", "orig")]
-        files[heatmap_file(name, fid if multi else None)] = plot_heatmap(
-            recs, n_layers=n_layers,
-            title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)")
-    pure = [r for r in run.records if isinstance(r, NextTokenRecord)]
+        recs = tuple(r for p in fact_run.passes for r in p.records
+                     if isinstance(r, PositionRecord) and r.lens == "norm"
+                     and (r.prompt_id, r.variant) == ("pos", "orig"))
+        jobs.append(PlotJob(
+            heatmap_file(name, fid if multi else None), "heatmap", recs, n_layers=n_layers,
+            title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)"))
+    pure = tuple(r for r in run.records if isinstance(r, NextTokenRecord))
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
     legend = ", ".join(f"{lens} {name}"
                        for lens, (_, name) in lens_styles(r.lens for r in pure).items())
-    files[trajectories_file(name)] = plot_trajectories(
-        pure, title=f"{name} · {what}: next-token trajectories ({legend})")
-    return files
+    jobs.append(PlotJob(trajectories_file(name), "trajectories", pure,
+                        title=f"{name} · {what}: next-token trajectories ({legend})"))
+    return jobs
+
+
+def draw_in_process(jobs: Sequence[PlotJob]) -> dict[str, bytes]:
+    """File name → PNG bytes of each job, drawn here, in order."""
+    return {job.file: job.draw() for job in jobs}
+
+
+def plot_files(run: Any) -> dict[str, bytes]:
+    """File name → PNG bytes for one model's run, drawn in this process."""
+    return draw_in_process(plot_jobs(run))

@@ -127,6 +127,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     from lens.devices import free_memory
     from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
+    from lens.plotpool import PlotPool, workers_for
     from lens.report import analyse
 
     name = outputs.output_name(model_id)
@@ -140,9 +141,12 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
 
     start = time.perf_counter()
     timer = StageTimer()
+    pool = None
     try:
         at("resolve")
         precheck_lenses(config, name)
+        if plots:  # its workers import matplotlib while the model loads (lens.plotpool)
+            pool = PlotPool(workers_for(len(probe.facts) + 1))
         timer.start("load")
         model = load_model(model_id, device=config.device, dtype=config.dtype,
                            device_map=config.device_map_value(), n_devices=config.n_devices,
@@ -154,7 +158,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
         warn_non_finite(name, run.report)
         timer.start("write")
         files = outputs.run_files(run, config, evaluation=evaluation_stub(name, run.report),
-                                  plots=plots)
+                                  plots=plots, draw=pool.draw if pool is not None else None)
         timer.stop("write")
         files[outputs.timings_file(name)] = json_bytes(timer.as_dict())
         top = run.report["final_prediction"]["topk"][0]
@@ -167,6 +171,8 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a model's failure is its result
         return Produced(name=name, result=_failure(model_id, name, stage, exc))
     finally:
+        if pool is not None:
+            pool.close()
         progress.clear()
 
 

@@ -87,12 +87,14 @@ class StageTimer:
         return out
 
     def summary(self) -> str:
-        """One line: ``load 3.100s, pos/orig 0.500s, …, total 5.200s`` (stages and passes)."""
+        """One line: ``load 3.100s, passes 0.500s, …, total 5.200s`` (stages and passes;
+        ``passes/all`` is shown as ``passes``)."""
         parts = []
         for name, value in self.as_dict().items():
             if isinstance(value, dict):
                 if name == "passes":
-                    parts.extend(f"{k} {v:.3f}s" for k, v in value.items())
+                    parts.extend(f"{'passes' if k == 'all' else k} {v:.3f}s"
+                                 for k, v in value.items())
             else:
                 parts.append(f"{name} {value:.3f}s")
         return ", ".join(parts)

@@ -1,0 +1,60 @@
+"""Plot workers draw the same bytes as the run's own process, and never lose a figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lens.config import RunConfig
+from lens.plotpool import PlotPool, workers_for
+from lens.plots import draw_in_process, plot_jobs
+from lens.probe import load_probe
+from lens.report import analyse
+
+TINY_PROBE = Path(__file__).resolve().parent / "probes" / "tiny-multi.yaml"
+
+
+@pytest.fixture(scope="module")
+def jobs(tiny_models):
+    run = analyse(tiny_models["tiny-llama"], load_probe(TINY_PROBE), RunConfig(dtype="float64"))
+    return plot_jobs(run)
+
+
+def test_a_pool_draws_every_figure_byte_for_byte_as_in_process(jobs):
+    assert len(jobs) >= 3  # a heatmap per fact and the trajectories
+    want = draw_in_process(jobs)
+    with PlotPool.started(2) as pool:
+        assert pool.size == 2
+        got = pool.draw(jobs)
+    assert list(got) == [job.file for job in jobs]
+    assert got == want
+
+
+def test_figures_a_dead_worker_owed_are_drawn_in_process(jobs):
+    want = draw_in_process(jobs)
+    with PlotPool.started(2) as pool:
+        victim = pool._procs[0]
+        victim.kill()
+        victim.wait()
+        assert pool.draw(jobs) == want
+
+
+def test_a_pool_without_workers_draws_in_process(jobs):
+    with PlotPool.started(0) as pool:
+        assert pool.size == 0
+        assert pool.draw(jobs) == draw_in_process(jobs)
+
+
+def test_closing_ends_every_worker(jobs):
+    pool = PlotPool(2)
+    procs = list(pool._procs)
+    pool.draw(jobs[:1])
+    pool.close()
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_workers_for_counts_jobs_and_cores():
+    assert workers_for(0) == 0
+    assert workers_for(1) == 1
+    assert 1 <= workers_for(100) <= 4
