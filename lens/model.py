@@ -25,10 +25,18 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from lens.config import SEED
-from lens.devices import FreeMemory, estimate_params, free_memory, pick_device, pick_dtype, plan_device
 from lens import validate
+from lens.config import SEED
+from lens.devices import (
+    FreeMemory,
+    estimate_params,
+    free_memory,
+    pick_device,
+    pick_dtype,
+    plan_device,
+)
 from lens.errors import LensError
+from lens.gcpause import paused_gc
 from lens.norms import NormSpec, describe_norm
 from lens.outputs import output_name
 from lens.precision import model_precision
@@ -163,6 +171,7 @@ def _placement(device_map: str | dict | None, n_devices: int | None) -> dict[str
                            for i in range(count)}}
 
 
+@paused_gc()  # loading makes ~10^5 long-lived objects: no full collections meanwhile
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                device_map: str | dict | None = None, n_devices: int | None = None,
                free: FreeMemory = free_memory,

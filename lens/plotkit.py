@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import io
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from lens.gcpause import paused_gc
 
 DPI = 100
 STYLE = {
@@ -94,14 +95,8 @@ def drawing() -> Iterator[None]:
     """
     import matplotlib
 
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        with matplotlib.rc_context(STYLE):
-            yield
-    finally:
-        if paused:
-            gc.enable()
+    with paused_gc(), matplotlib.rc_context(STYLE):
+        yield
 
 
 @functools.lru_cache(maxsize=4096)

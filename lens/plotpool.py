@@ -131,9 +131,15 @@ def workers_for(n_jobs: int) -> int:
 
 
 def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
-    """A worker's loop: draw each job list that comes in, until end of input."""
+    """A worker's loop: draw each job list that comes in, until end of input.
+
+    It runs at a lower priority: its start-up import should take only the cores
+    the model load leaves idle; when it draws, the run is waiting for it anyway.
+    """
     from lens.plotkit import warm_up
 
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
     warm_up()
     while True:
         try:

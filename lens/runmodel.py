@@ -125,6 +125,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     model does; ``files`` is then empty.
     """
     from lens.devices import free_memory
+    from lens.gcpause import freeze_loaded, paused_gc
     from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
     from lens.plotpool import PlotPool, workers_for
@@ -148,9 +149,11 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
         if plots:  # its workers import matplotlib while the model loads (lens.plotpool)
             pool = PlotPool(workers_for(len(probe.facts) + 1))
         timer.start("load")
-        model = load_model(model_id, device=config.device, dtype=config.dtype,
-                           device_map=config.device_map_value(), n_devices=config.n_devices,
-                           free=free or free_memory, on_stage=at)
+        with paused_gc():  # frozen before the collector sees the new objects
+            model = load_model(model_id, device=config.device, dtype=config.dtype,
+                               device_map=config.device_map_value(),
+                               n_devices=config.n_devices, free=free or free_memory, on_stage=at)
+            freeze_loaded()  # this process runs one model: later collections skip it
         timer.stop("load")
         at("analyse")
         run = analyse(model, probe, config, progress=progress.layer,
