@@ -32,6 +32,8 @@ from typing import IO, Any
 from lens.plots import PlotJob
 
 MAX_WORKERS = 4
+NICENESS = 19
+"""Workers run at the lowest priority: their import must not slow the model load."""
 _LENGTH = struct.Struct("<Q")
 
 
@@ -67,6 +69,8 @@ class PlotPool:
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env))
             except OSError:
                 break  # fewer workers (or none): the rest is drawn in process
+            with contextlib.suppress(OSError, AttributeError):  # from its first instruction on
+                os.setpriority(os.PRIO_PROCESS, self._procs[-1].pid, NICENESS)
 
     @classmethod
     @contextlib.contextmanager
@@ -133,13 +137,12 @@ def workers_for(n_jobs: int) -> int:
 def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     """A worker's loop: draw each job list that comes in, until end of input.
 
-    It runs at a lower priority: its start-up import should take only the cores
-    the model load leaves idle; when it draws, the run is waiting for it anyway.
+    It runs at a lower priority (``NICENESS``, set by the pool as it starts):
+    its start-up import should take only the cores the model load leaves idle;
+    when it draws, the run is waiting for it anyway.
     """
     from lens.plotkit import warm_up
 
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(10)
     warm_up()
     while True:
         try:
