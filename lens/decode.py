@@ -33,20 +33,30 @@ DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
-                   k: int) -> Iterator[DecodedChunk]:
+                   k: int, buffers: Tensor | None = None) -> Iterator[DecodedChunk]:
     """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
 
-    One scratch buffer serves every chunk's entropy.
+    The logits, log-probabilities and the entropy's terms of every chunk go
+    into three buffers, ``buffers`` (3, ≥ one chunk's logits) or made here
+    once, the size of the first chunk: a fresh tensor of that size per chunk
+    (tens of MB) costs the kernel's page faults every time, 10-15 ms each on
+    CPU, which on a many-fact probe added seconds. A chunk's tensors are
+    therefore valid until the next chunk is decoded.
     """
-    n_layers = resids.shape[0]
-    scratch: Tensor | None = None
+    n_layers, rows = resids.shape[:2]
+    vocab = lens.unembed.d_vocab
+    direct = lens.unembed.dtype == dtype  # the matmul writes straight into the buffer
     for start in range(0, n_layers, per_chunk):
         layers = list(range(start, min(n_layers, start + per_chunk)))
-        logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers).to(dtype)
-        logp = torch.log_softmax(logits, dim=-1)
-        if scratch is None:
-            scratch = torch.empty(logp.numel(), dtype=dtype, device=logp.device)
-        entropy = metrics.entropy_bits(logp, scratch=scratch)
+        shape = (len(layers), rows, vocab)
+        size = len(layers) * rows * vocab
+        if buffers is None:  # the first chunk is the largest
+            buffers = torch.empty((3, size), dtype=dtype, device=resids.device)
+        inputs = resids[layers[0]:layers[-1] + 1]
+        logits = (lens.decode(inputs, layers, out=buffers[0, :size].view(shape)) if direct
+                  else lens.decode(inputs, layers).to(dtype))
+        logp = torch.log_softmax(logits, dim=-1, out=buffers[1, :size].view(shape))
+        entropy = metrics.entropy_bits(logp, scratch=buffers[2])
         top_logp, top_ids = torch.topk(logp, k, dim=-1)
         yield layers, logits, logp, entropy, top_logp.exp(), top_ids
         del logits, logp, entropy, top_logp, top_ids
@@ -125,9 +135,10 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     chunks of layers. A chunk holds at most the logits of a third of the layers
     of one pass of ``widest`` positions (default: the widest item; and at most
     ``CHUNK_ELEMENTS``): its working set (logits, log-probs, one temporary for
-    the entropy) stays within one pass's full logits. It is let go before the
-    next one is decoded, so a consumer that drops each step before asking for
-    the next holds one chunk at a time. Steps' tensors are views of their chunk.
+    the entropy) stays within one pass's full logits; the three live in
+    buffers made once per call and reused for every chunk. A step's tensors are
+    views of them: valid until the consumer asks for a step of the next chunk
+    (emitters turn them into plain values at once).
     """
     if not items:
         return
@@ -139,13 +150,18 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     widest = widest or max(r.shape[1] for _, r in items)
     budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 3) * widest))  # rows × layers
     windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
-    for group in _groups([rows.shape[1] for _, rows in items], budget):
+    groups = _groups([rows.shape[1] for _, rows in items], budget)
+    widths = [sum(items[i][1].shape[1] for i in group) for group in groups]
+    chunk_layers = [min(n_layers, max(1, budget // w)) for w in widths]
+    buffers = torch.empty((3, max(n * w for n, w in zip(chunk_layers, widths, strict=True))
+                           * vocab), dtype=dtype, device=items[0][1].device)
+    for group, per_chunk in zip(groups, chunk_layers, strict=True):
         resids = torch.cat([items[i][1] for i in group], dim=1)
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
         ctxs = [items[i][0] for i in group]
-        per_chunk = max(1, budget // resids.shape[1])
-        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k):
+        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k,
+                                    buffers=buffers):
             layers, logits, logp, entropy, top_p, top_ids = chunk
             last = last_rows(ctxs, logits, logp, [b - 1 for _, b in spans])
             lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -109,7 +109,11 @@ class LastRow:
 
 @dataclass(frozen=True, eq=False)
 class LayerStep:
-    """One layer of one pass decoded by one lens."""
+    """One layer of one pass decoded by one lens.
+
+    Its tensors are valid while it is being emitted: the next chunk of layers
+    is decoded into the same buffers (``kept`` makes a copy that lasts).
+    """
 
     ctx: PassContext
     lens: str
@@ -132,6 +136,17 @@ class LayerStep:
     """``entropy``, finiteness and the top-k of every row, as Python values."""
     last: LastRow
     """The last position's answer-related numbers."""
+
+    def kept(self) -> LayerStep:
+        """This step with tensors of its own, to hold after the next step arrives.
+
+        A step's tensors are views of decode buffers that the next chunk of
+        layers overwrites (``lens.decode``); emitters read them at once and
+        need no copy.
+        """
+        return replace(self, logits=self.logits.clone(), logp=self.logp.clone(),
+                       entropy=self.entropy.clone(), top_p=self.top_p.clone(),
+                       top_ids=self.top_ids.clone())
 
     @property
     def last_row(self) -> int:

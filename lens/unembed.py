@@ -161,11 +161,15 @@ class Unembed:
             self._cache[device] = (W, b)
         return W, b
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """(..., d_model) → (..., d_vocab) logits in ``self.dtype``, through the full head."""
+    def __call__(self, x: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """(..., d_model) → (..., d_vocab) logits in ``self.dtype``, through the full head.
+
+        ``out`` (contiguous, the result's shape and dtype) receives the logits
+        instead of a new tensor: a decode loop reuses one buffer for every chunk.
+        """
         W, b = self.weights(x.device)
         with torch.no_grad():
-            logits = x.to(self.dtype) @ W
+            logits = torch.matmul(x.to(self.dtype), W, out=out)
             if b is not None:
                 logits.add_(b)  # in place: no second logits tensor
             return self.head(logits)

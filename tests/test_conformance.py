@@ -59,7 +59,7 @@ def setup(tiny_models):
     ids = tokenize(model, fact.prompt)
     cap = capture(model, ids)
     ctx = OrigPass(fact).context(analysis, cap, ids)
-    steps = list(decode_steps(ctx, analysis.lens, cap.resids))
+    steps = [s.kept() for s in decode_steps(ctx, analysis.lens, cap.resids)]
     return analysis, cap, (steps[0], steps[-1])
 
 

@@ -65,7 +65,8 @@ def test_steps_carry_the_copy_window(tiny_models):
     orig = passes_for(default_probe().facts[0])[0]
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
-    steps = list(decode_steps(orig.context(analysis, cap, ids), analysis.lens, cap.resids))
+    ctx = orig.context(analysis, cap, ids)
+    steps = [s.kept() for s in decode_steps(ctx, analysis.lens, cap.resids)]
     top1 = [int(s.top_ids[-1, 0]) for s in steps]
     assert [s.window for s in steps] == [tuple(top1[max(0, i - 1):i + 1]) for i in range(len(top1))]
 
@@ -79,7 +80,9 @@ def test_layer_chunking_does_not_change_numbers(tiny_models, monkeypatch):
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
     ctx = orig.context(analysis, cap, ids)
-    whole = [s.logp for s in decode_steps(ctx, analysis.lens, cap.resids)]
+    # a step's tensors live in buffers reused by the next chunk: keep copies
+    whole = [s.logp.clone() for s in decode_steps(ctx, analysis.lens, cap.resids)]
     monkeypatch.setattr(decode, "CHUNK_ELEMENTS", 1)
-    chunked = [s.logp for s in decode_steps(ctx, analysis.lens, cap.resids)]
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(whole, chunked, strict=True))
+    chunked = [s.logp.clone() for s in decode_steps(ctx, analysis.lens, cap.resids)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12)
+               for a, b in zip(whole, chunked, strict=True))

@@ -175,9 +175,9 @@ def test_passes_decode_only_the_rows_they_write(tiny_models, monkeypatch):
     analysis = build_analysis(model, RunConfig(dtype="float64"))
     decoded: list[tuple[str, int]] = []
     for lens in (analysis.lens, *analysis.sidecar_lenses, *analysis.next_token_lenses):
-        def spy(resids, layers, _decode=lens.decode, _name=lens.name):
+        def spy(resids, layers, _decode=lens.decode, _name=lens.name, **kwargs):
             decoded.append((_name, int(resids.shape[1])))
-            return _decode(resids, layers)
+            return _decode(resids, layers, **kwargs)
         monkeypatch.setattr(lens, "decode", spy)
     seen = {}
     for p in passes_for(default_probe().facts[0]):

@@ -392,7 +392,7 @@ def test_sidecar_emitters_conform(tiny_models, llama_prism):
     ids = tokenize(model, PROMPT)
     cap = capture(model, ids)
     ctx = orig.context(analysis, cap, ids)
-    steps = list(decode_steps(ctx, prism, cap.resids))
+    steps = [s.kept() for s in decode_steps(ctx, prism, cap.resids)]
     (route,) = [r for r in orig.routes(analysis) if r.lens is prism]
     assert route.rows == "all" and len(route.emitters) == 2
     for emitter in route.emitters:

@@ -48,11 +48,15 @@ class Lens(ABC):
         """(seq, d_model) → (seq, d_vocab) logits in the unembedding dtype."""
         return self.unembed(self.transform(resid, layer))
 
-    def decode(self, resids: Tensor, layers: Sequence[int]) -> Tensor:
-        """Many layers in one matmul: (len(layers), seq, d_model) → (len(layers), seq, vocab)."""
+    def decode(self, resids: Tensor, layers: Sequence[int], *,
+               out: Tensor | None = None) -> Tensor:
+        """Many layers in one matmul: (len(layers), seq, d_model) → (len(layers), seq, vocab).
+
+        ``out``: a buffer for the logits (``Unembed.__call__``).
+        """
         inputs = torch.stack([self.transform(r, layer)
                               for r, layer in zip(resids, layers, strict=True)])
-        return self.unembed(inputs)
+        return self.unembed(inputs, out=out)
 
     @classmethod
     def from_parts(cls, parts: LensParts) -> Lens:
