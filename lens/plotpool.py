@@ -13,7 +13,8 @@ they are.
 
 Protocol: a job list goes to a worker's stdin as one length-prefixed pickle;
 the worker answers with one length-prefixed pickle, ``{file: png bytes}``, or
-closes its stdout. It exits at end of input. Its stderr is discarded: the
+closes its stdout. It exits at end of input, at once (``os._exit``: the run
+waits for it). Its stderr is discarded: the
 in-process fallback reports any real error the normal way.
 """
 
@@ -156,3 +157,4 @@ if __name__ == "__main__":
     # Ctrl-C reaches the whole process group: the run reports it, not its plot workers
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         serve(sys.stdin.buffer, sys.stdout.buffer)
+    os._exit(0)  # everything is sent: no interpreter teardown for the run to wait on
