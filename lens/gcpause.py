@@ -28,12 +28,22 @@ class paused_gc(contextlib.ContextDecorator):  # noqa: N801 - used like a functi
             gc.enable()
 
 
-def freeze_loaded() -> None:
-    """Move every object alive now out of the collector's reach for the rest of the process.
+def freeze_loaded() -> bool:
+    """Move every object alive now out of the collector's reach, until ``thaw``.
 
-    For a process that runs one model and ends (``python -m lens.run``, a sweep
-    worker): the model lives until the end, so later collections need not walk
-    it again. Cycles already unreachable are kept too, which a process of one
-    run can afford; the API (a notebook) never calls this.
+    For the run of one model: the model lives until the run ends, so the
+    collections made meanwhile need not walk it again. Returns whether this
+    call froze anything that ``thaw`` should give back: nothing when someone
+    else froze objects before (their freeze is theirs to undo).
     """
+    if gc.get_freeze_count():
+        return False
     gc.freeze()
+    return True
+
+
+def thaw(froze: bool) -> None:
+    """Give the objects ``freeze_loaded`` froze back to the collector (a process that goes
+    on after the run, like a test session, can then collect the model's cycles)."""
+    if froze:
+        gc.unfreeze()

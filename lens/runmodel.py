@@ -125,7 +125,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     model does; ``files`` is then empty.
     """
     from lens.devices import free_memory
-    from lens.gcpause import freeze_loaded, paused_gc
+    from lens.gcpause import freeze_loaded, paused_gc, thaw
     from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
     from lens.plotpool import PlotPool, workers_for
@@ -142,7 +142,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
 
     start = time.perf_counter()
     timer = StageTimer()
-    pool = None
+    pool, froze = None, False
     try:
         at("resolve")
         precheck_lenses(config, name)
@@ -153,7 +153,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
             model = load_model(model_id, device=config.device, dtype=config.dtype,
                                device_map=config.device_map_value(),
                                n_devices=config.n_devices, free=free or free_memory, on_stage=at)
-            freeze_loaded()  # this process runs one model: later collections skip it
+            froze = freeze_loaded()  # the run's collections skip the model
         timer.stop("load")
         at("analyse")
         run = analyse(model, probe, config, progress=progress.layer,
@@ -176,6 +176,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     finally:
         if pool is not None:
             pool.close()
+        thaw(froze)
         progress.clear()
 
 

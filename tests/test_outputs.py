@@ -112,3 +112,29 @@ def test_a_failed_produce_delivers_only_its_record(tmp_path):
         deliver(out, produced, quiet=True)
     record = json.loads((tmp_path / "output-missing.error.json").read_bytes())
     assert record["stage"] == "resolve" and "does not exist" in record["message"]
+
+
+def test_produce_gives_the_frozen_model_back_to_the_collector(monkeypatch):
+    """produce freezes the loaded model for its run only: a process that goes on (a test
+    session, an in-process caller) gets every object back to the collector."""
+    import gc
+
+    from lens.runmodel import produce
+
+    monkeypatch.chdir(REPO)
+    frozen_during = []
+    import lens.report as report
+
+    analyse = report.analyse
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        frozen_during.append(gc.get_freeze_count())
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr(report, "analyse", spy)
+    assert gc.get_freeze_count() == 0
+    produced = produce("tests/models/tiny-llama", RunConfig(device="cpu"), default_probe(),
+                       quiet=True, plots=False)
+    assert produced.result.ok
+    assert frozen_during and frozen_during[0] > 0
+    assert gc.get_freeze_count() == 0
