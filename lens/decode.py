@@ -1,7 +1,7 @@
 """Decoding: residual rows → logits, log-probs, entropy, top-k and the numbers records read.
 
 Every route of every pass decodes through ``decode_many``: one pass alone
-(``lens.passes.decode_steps``) or the rows of many passes side by side
+(``decode_steps``) or the rows of many passes side by side
 (``lens.passes.run_passes``) go through the same chunks, so a batched run
 gives the numbers of a pass alone. Per chunk, what the record emitters read
 is computed for all of its layers and passes at once (``RowValues``,
