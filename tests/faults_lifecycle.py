@@ -83,9 +83,10 @@ elif _MODE in ("stage", "commit", "link"):
 
 
 def cli(tmp: Path, args: list[str], *, quiet: bool, hook: str = "", signum: int | None = None,
-        env: dict[str, str] | None = None) -> Run:
+        env: dict[str, str] | None = None, plots: bool = False) -> Run:
     """``python -m lens.run ARGS`` in a process of its own; with ``hook``, the named stage
-    waits (``HOOK``) until the test sends ``signum`` to the process."""
+    waits (``HOOK``) until the test sends ``signum`` to the process. ``plots`` keeps the
+    PNGs (and so the plot workers) on."""
     out = tmp / "out"
     hook_dir = tmp / "hook"
     hook_dir.mkdir(exist_ok=True)
@@ -94,7 +95,7 @@ def cli(tmp: Path, args: list[str], *, quiet: bool, hook: str = "", signum: int 
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(hook_dir), str(REPO))),
                 "FAULT_HOOK": hook, "FAULT_MARK": str(mark), **(env or {})}
     argv = [sys.executable, "-m", "lens.run", *args, *(["--quiet"] if quiet else []),
-            "--no-plots", "--out_dir", str(out)]
+            *([] if plots else ["--no-plots"]), "--out_dir", str(out)]
     proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     if hook and signum is not None:

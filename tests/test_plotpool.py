@@ -58,3 +58,36 @@ def test_workers_for_counts_jobs_and_cores():
     assert workers_for(0) == 0
     assert workers_for(1) == 1
     assert 1 <= workers_for(100) <= 4
+
+
+def _plot_workers_of(tmp: Path) -> list[int]:
+    """Live ``lens.plotpool`` processes started by a fault case under ``tmp`` (by environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"lens.plotpool" in cmd and str(tmp).encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_sigterm_mid_run_with_plots_ends_cleanly(tmp_path, quiet):
+    """A run with plots on (so with plot workers) interrupted mid-analysis: exit 143, only
+    its failure record, no traceback, and no plot worker outlives it."""
+    import signal
+
+    import faults_lifecycle as life
+    from faultkit import TINY
+
+    run = life.cli(tmp_path, [TINY], quiet=quiet, hook="analyse", signum=signal.SIGTERM,
+                   plots=True)
+    assert run.status == 143, run.err
+    name = Path(TINY).name
+    assert sorted(p.name for p in run.out.iterdir()) == [f"output-{name}.error.json"]
+    assert "lens: interrupted" in run.err and "Traceback" not in run.err
+    assert _plot_workers_of(tmp_path) == []
