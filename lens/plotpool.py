@@ -26,7 +26,7 @@ import pickle
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,7 +56,8 @@ def _receive(stream: IO[bytes]) -> Any:
 
 
 class PlotPool:
-    """Up to ``workers`` plot processes, started now, used once by ``draw``, then closed."""
+    """Up to ``workers`` plot processes, started now, used once by ``draw``, then closed
+    (``close``, or the end of a ``with`` block)."""
 
     def __init__(self, workers: int) -> None:
         root = str(Path(__file__).resolve().parents[1])  # this very lens in the workers
@@ -73,15 +74,11 @@ class PlotPool:
             with contextlib.suppress(OSError, AttributeError):  # from its first instruction on
                 os.setpriority(os.PRIO_PROCESS, self._procs[-1].pid, NICENESS)
 
-    @classmethod
-    @contextlib.contextmanager
-    def started(cls, workers: int) -> Iterator[PlotPool]:
-        """A pool for the duration of a ``with`` block; its workers are ended on the way out."""
-        pool = cls(workers)
-        try:
-            yield pool
-        finally:
-            pool.close()
+    def __enter__(self) -> PlotPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def size(self) -> int:

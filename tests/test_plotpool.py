@@ -24,7 +24,7 @@ def jobs(tiny_models):
 def test_a_pool_draws_every_figure_byte_for_byte_as_in_process(jobs):
     assert len(jobs) >= 3  # a heatmap per fact and the trajectories
     want = draw_in_process(jobs)
-    with PlotPool.started(2) as pool:
+    with PlotPool(2) as pool:
         assert pool.size == 2
         got = pool.draw(jobs)
     assert list(got) == [job.file for job in jobs]
@@ -33,7 +33,7 @@ def test_a_pool_draws_every_figure_byte_for_byte_as_in_process(jobs):
 
 def test_figures_a_dead_worker_owed_are_drawn_in_process(jobs):
     want = draw_in_process(jobs)
-    with PlotPool.started(2) as pool:
+    with PlotPool(2) as pool:
         victim = pool._procs[0]
         victim.kill()
         victim.wait()
@@ -41,7 +41,7 @@ def test_figures_a_dead_worker_owed_are_drawn_in_process(jobs):
 
 
 def test_a_pool_without_workers_draws_in_process(jobs):
-    with PlotPool.started(0) as pool:
+    with PlotPool(0) as pool:
         assert pool.size == 0
         assert pool.draw(jobs) == draw_in_process(jobs)
 
