@@ -13,6 +13,7 @@ matmul, most of all when OpenMP threads wait on busy cores.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -30,6 +31,39 @@ SLICE_ELEMENTS = 1 << 20
 DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
 """(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
 (len(layers), rows, …)."""
+
+
+class Workspace:
+    """Decode buffers that outlive one ``decode_many`` call: one run's passes reuse them.
+
+    A run decodes in many calls (each chunk of passes, each lens); a fresh
+    buffer of ~100 MB for each cost 45-60 ms on CPU (the kernel's page faults
+    on first touch and the unmap after), 1.4 s of a 24-fact probe. The buffer
+    grows to the largest call's need and lives as long as its owner
+    (``lens.passes.Analysis``: one model's run). A call made while another
+    holds the buffer (a decode inside an emitter) gets a buffer of its own.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._busy = False
+
+    @contextmanager
+    def borrow(self, numel: int, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+        """A flat tensor of ``numel`` elements, this workspace's while the block runs."""
+        if self._busy:
+            yield torch.empty(numel, dtype=dtype, device=device)
+            return
+        buffer = self._buffer
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != dtype
+                or buffer.device != device):
+            self._buffer = buffer = None  # the old one goes before the new one comes
+            buffer = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        self._busy = True
+        try:
+            yield buffer[:numel]
+        finally:
+            self._busy = False
 
 
 def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
@@ -123,7 +157,8 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
 
 
 def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
-                widest: int | None = None) -> Iterator[tuple[int, LayerStep]]:
+                widest: int | None = None,
+                workspace: Workspace | None = None) -> Iterator[tuple[int, LayerStep]]:
     """Decode several passes' rows with shared matmuls; yield ``(item index, step)``.
 
     Each item is a pass context and its residual rows ``(n_layers + 1, rows_i,
@@ -132,10 +167,11 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     chunks of layers. A chunk holds at most the logits of a third of the layers
     of one pass of ``widest`` positions (default: the widest item; and at most
     ``CHUNK_ELEMENTS``): its working set (logits, log-probs, one temporary for
-    the entropy) stays within one pass's full logits; the three live in
-    buffers made once per call and reused for every chunk. A step's tensors are
-    views of them: valid until the consumer asks for a step of the next chunk
-    (emitters turn them into plain values at once).
+    the entropy) stays within one pass's full logits; the three live in one
+    buffer reused for every chunk, ``workspace``'s (a run's calls share it) or
+    made for this call. A step's tensors are views of it: valid until the
+    consumer asks for a step of the next chunk (emitters turn them into plain
+    values at once).
     """
     if not items:
         return
@@ -146,12 +182,20 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     k = min(max(config.topk_verbose, config.topk_brief), vocab)
     widest = widest or max(r.shape[1] for _, r in items)
     budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 3) * widest))  # rows × layers
-    windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
     groups = _groups([rows.shape[1] for _, rows in items], budget)
     widths = [sum(items[i][1].shape[1] for i in group) for group in groups]
     chunk_layers = [min(n_layers, max(1, budget // w)) for w in widths]
-    buffers = torch.empty((3, max(n * w for n, w in zip(chunk_layers, widths, strict=True))
-                           * vocab), dtype=dtype, device=items[0][1].device)
+    size = max(n * w for n, w in zip(chunk_layers, widths, strict=True)) * vocab
+    with (workspace or Workspace()).borrow(3 * size, dtype, items[0][1].device) as flat:
+        yield from _decode_groups(items, lens, groups, chunk_layers, flat.view(3, size), k)
+
+
+def _decode_groups(items: Sequence[tuple[PassContext, Tensor]], lens: Lens,
+                   groups: Sequence[Sequence[int]], chunk_layers: Sequence[int],
+                   buffers: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
+    """``decode_many``'s loop: each group of items in chunks of layers, into ``buffers``."""
+    dtype = buffers.dtype
+    windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
     for group, per_chunk in zip(groups, chunk_layers, strict=True):
         resids = torch.cat([items[i][1] for i in group], dim=1)
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()

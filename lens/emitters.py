@@ -313,19 +313,29 @@ def raw_check_layers(mode: str, n_layers: int) -> tuple[int, ...]:
 
 
 class RawLensCheck:
-    """Compare the step's lens with the raw (un-normalised) lens at sampled layers."""
+    """Compare the step's lens with the raw (un-normalised) lens at sampled layers.
+
+    The raw lens's rows come from ``prefetch_raw_checks`` when the pass runner
+    decoded them beforehand (one matmul for every pass of a chunk), else the
+    check decodes its row itself.
+    """
 
     rows: Rows = "last"
 
     def __init__(self, raw: Lens) -> None:
         self.raw = raw
+        self.prefetched: dict[tuple[PassContext, int], Tensor] = {}
+        """(pass, layer) → the raw lens's logits at the pass's last position
+        (``prefetch_raw_checks``)."""
 
     def emit(self, step: LayerStep) -> Iterable[Record]:
         ctx = step.ctx
         if step.layer not in raw_check_layers(ctx.config.raw_lens, ctx.n_layers):
             return
         last = step.last_row
-        raw_logits = self.raw.forward(step.resid[last:last + 1], step.layer)[0]
+        raw_logits = self.prefetched.get((ctx, step.layer))
+        if raw_logits is None:
+            raw_logits = self.raw.forward(step.resid[last:last + 1], step.layer)[0]
         raw_logp = metrics.log_probs(raw_logits, step.logp.dtype)
         norm = scalars(step.logp[last], ctx.gold, ctx.table)
         raw = scalars(raw_logp, ctx.gold, ctx.table)
@@ -338,6 +348,25 @@ class RawLensCheck:
             answer_rank_norm=norm.rank, answer_rank_raw=raw.rank,
             is_answer_norm=norm.is_answer, is_answer_raw=raw.is_answer,
         )
+
+
+def prefetch_raw_checks(checks: Sequence[tuple[RawLensCheck, PassContext, Tensor]]) -> None:
+    """Decode the raw-lens rows of many checks at once: one matmul per raw lens.
+
+    Each check gets, for every layer it samples, the raw lens's logits at its
+    pass's last position (``(n_layers + 1, seq, d_model)`` residuals). A single
+    row per matmul reads the whole unembedding for one row of logits: 15 ms
+    on CPU for SmolLM2, 1.4 s of a 24-fact probe's five sampled layers.
+    """
+    by_lens: dict[int, list[tuple[RawLensCheck, PassContext, int, Tensor]]] = {}
+    for check, ctx, resids in checks:
+        for layer in raw_check_layers(ctx.config.raw_lens, ctx.n_layers):
+            by_lens.setdefault(id(check.raw), []).append(
+                (check, ctx, layer, resids[layer, ctx.last]))
+    for rows in by_lens.values():
+        logits = rows[0][0].raw.decode_rows([(row, layer) for _, _, layer, row in rows])
+        for (check, ctx, layer, _), z in zip(rows, logits, strict=True):
+            check.prefetched[ctx, layer] = z
 
 
 TEMPERATURES = torch.logspace(-1, 1, 25, dtype=torch.float64)

@@ -18,7 +18,7 @@ from typing import Any, final
 import torch
 
 from lens.config import Fact, RunConfig
-from lens.decode import decode_many
+from lens.decode import Workspace, decode_many
 from lens.emitters import (
     Emitter,
     LastLayerConsistency,
@@ -28,6 +28,7 @@ from lens.emitters import (
     RawLensCheck,
     Record,
     Rows,
+    prefetch_raw_checks,
 )
 from lens.gold import align, encode
 from lens.lenses import Lens, RawLens
@@ -72,6 +73,8 @@ class Analysis:
     next_token_lenses: tuple[Lens, ...] = ()
     """Lenses decoded at the last position only, feeding pure next-token records that
     no CSV holds (the raw lens at every layer, for the trajectory plot)."""
+    workspace: Workspace = field(default_factory=Workspace)
+    """The decode buffers every pass of this run reuses (``lens.decode.Workspace``)."""
 
 
 def is_verbose(token: str, words: Sequence[str]) -> bool:
@@ -250,7 +253,8 @@ def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
     """Run already-forwarded passes together; each result equals that pass run alone.
 
     The routes of every pass are grouped by (lens, rows) and each group is
-    decoded by ``decode_many``, so one matmul serves the rows of many passes;
+    decoded by ``decode_many``, so one matmul serves the rows of many passes
+    (and one more the raw-lens check rows of all of them, ``prefetch_raw_checks``);
     every (pass, route) still gets its steps in layer order with its own copy
     window, and a pass's records are joined in routing-table order. ``timer``
     gets ``breakdown/decode`` and ``breakdown/emit`` seconds.
@@ -262,6 +266,8 @@ def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
             raise ValueError(f"capture has {cap.resids.shape[1]} positions, "
                              f"the prompt {len(ids)} tokens")
         prepared.append((p.context(analysis, cap, ids), cap, p.routes(analysis)))
+    prefetch_raw_checks([(e, ctx, cap.resids) for ctx, cap, routes in prepared
+                         for r in routes for e in r.emitters if isinstance(e, RawLensCheck)])
     widest = max(cap.resids.shape[1] for _, cap, _ in prepared)  # one pass's positions
     sinks: list[list[list[Record]]] = [[[] for _ in routes] for _, _, routes in prepared]
     groups: dict[tuple[int, str], list[tuple[int, int]]] = {}
@@ -273,7 +279,7 @@ def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
     for (lens_id, rows), members in groups.items():
         items = [(prepared[i][0], prepared[i][1].resids if rows == "all"
                   else prepared[i][1].resids[:, -1:]) for i, _ in members]
-        steps = decode_many(items, lenses[lens_id], widest=widest)
+        steps = decode_many(items, lenses[lens_id], widest=widest, workspace=analysis.workspace)
         for m, step in maybe_iterate(timer, "breakdown/decode", steps):
             i, j = members[m]
             r = prepared[i][2][j]

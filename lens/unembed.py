@@ -169,7 +169,37 @@ class Unembed:
         """
         W, b = self.weights(x.device)
         with torch.no_grad():
-            logits = torch.matmul(x.to(self.dtype), W, out=out)
-            if b is not None:
-                logits.add_(b)  # in place: no second logits tensor
+            x = x.to(self.dtype)
+            if not _blocked(x, W):
+                logits = torch.matmul(x, W, out=out)
+                if b is not None:
+                    logits.add_(b)  # in place: no second logits tensor
+                return self.head(logits)
+            shape = (*x.shape[:-1], W.shape[1])
+            logits = torch.empty(shape, dtype=self.dtype) if out is None else out
+            rows, flat = x.reshape(-1, x.shape[-1]), logits.view(-1, W.shape[1])
+            for a in range(0, W.shape[1], CPU_BLOCK_COLUMNS):
+                block = flat[:, a:a + CPU_BLOCK_COLUMNS]
+                torch.mm(rows, W[:, a:a + CPU_BLOCK_COLUMNS], out=block)
+                if b is not None:
+                    block.add_(b[a:a + CPU_BLOCK_COLUMNS])  # while the block is in cache
             return self.head(logits)
+
+
+CPU_BLOCK_COLUMNS = 512
+"""A float32 CPU unembedding runs as matmuls of this many vocabulary columns each,
+written straight into their slice of the logits.
+
+MKL's single matmul of (rows, d_model) by (d_model, vocab) ran 20-35 % slower
+than these blocks (SmolLM2: d_model 576, vocab 49 152; 31-400 rows, 1 and 2
+threads; ``benchmarks/README.md``), and a block's float32 logits are bit for
+bit those of the whole matmul (no split of the d_model sum). float64, the
+golden runs' dtype, is left whole: there MKL sums narrow blocks in another
+order, which would move the references' last bits.
+"""
+
+
+def _blocked(x: Tensor, W: Tensor) -> bool:
+    """Whether ``x @ W`` runs in column blocks (``CPU_BLOCK_COLUMNS``)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2
+            and W.shape[1] > 2 * CPU_BLOCK_COLUMNS)

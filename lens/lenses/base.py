@@ -48,6 +48,11 @@ class Lens(ABC):
         """(seq, d_model) → (seq, d_vocab) logits in the unembedding dtype."""
         return self.unembed(self.transform(resid, layer))
 
+    def decode_rows(self, rows: Sequence[tuple[Tensor, int]]) -> Tensor:
+        """Residual rows of any layers in one matmul: ``[(resid (d_model,), layer)]`` →
+        (len(rows), vocab) logits, each row as ``forward`` decodes it."""
+        return self.unembed(torch.stack([self.transform(r[None], layer)[0] for r, layer in rows]))
+
     def decode(self, resids: Tensor, layers: Sequence[int], *,
                out: Tensor | None = None) -> Tensor:
         """Many layers in one matmul: (len(layers), seq, d_model) → (len(layers), seq, vocab).
