@@ -192,10 +192,12 @@ written straight into their slice of the logits.
 
 MKL's single matmul of (rows, d_model) by (d_model, vocab) ran 20-35 % slower
 than these blocks (SmolLM2: d_model 576, vocab 49 152; 31-400 rows, 1 and 2
-threads; ``benchmarks/README.md``), and a block's float32 logits are bit for
-bit those of the whole matmul (no split of the d_model sum). float64, the
-golden runs' dtype, is left whole: there MKL sums narrow blocks in another
-order, which would move the references' last bits.
+threads; ``benchmarks/README.md``). For ``W_U`` as a model gives it (a
+transposed view of the head's weight) the blocks' float32 logits were bit for
+bit those of the whole matmul in every shape tried (d_model 24-2048, vocab
+1.5k-50k, 1-187 rows; tests/test_unembed.py); with a contiguous ``W_U`` MKL's
+whole matmul of a few rows can differ in the last bit. float64, the golden
+runs' dtype, is left whole: there MKL sums narrow blocks in another order.
 """
 
 

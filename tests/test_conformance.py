@@ -8,9 +8,11 @@ pass on tiny-llama in float64.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import pytest
+import torch
 
 from lens.checks import (
     EMITTER_CHECKS,
@@ -31,6 +33,7 @@ from lens.emitters import (
     NextTokenEmitter,
     PositionEmitter,
     RawLensCheck,
+    prefetch_raw_checks,
 )
 from lens.lenses import LogitLens, NormLens, RawLens
 from lens.model import capture, tokenize
@@ -148,3 +151,27 @@ def test_a_lens_mixing_positions_is_caught(setup):
 
     with pytest.raises(ValueError, match="positions must be independent"):
         check_lens(MeanPooled(analysis.lens.unembed), cap.resids)
+
+
+def test_prefetched_raw_rows_give_the_records_the_check_decodes_alone(setup):
+    """``prefetch_raw_checks`` decodes every sampled layer's raw row in one matmul;
+    the check then emits what it emits decoding each row itself."""
+    analysis, cap, (first, last) = setup
+    alone, prefetched = RawLensCheck(analysis.raw), RawLensCheck(analysis.raw)
+    prefetch_raw_checks([(prefetched, first.ctx, cap.resids)])
+    assert sorted(layer for _, layer in prefetched.prefetched) == list(range(cap.resids.shape[0]))
+    for step in (first, last):
+        row = cap.resids[step.layer, step.ctx.last:step.ctx.last + 1]
+        torch.testing.assert_close(prefetched.prefetched[step.ctx, step.layer],
+                                   analysis.raw.forward(row, step.layer)[0])
+        (a,), (b,) = list(alone.emit(step)), list(prefetched.emit(step))
+        assert _close(a, b)
+
+
+def _close(a: Record, b: Record) -> bool:
+    """Equal records up to float rounding (the two matmuls differ in shape)."""
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert x == (pytest.approx(y, rel=1e-9, abs=1e-12) if isinstance(x, float) else y), f.name
+    return True

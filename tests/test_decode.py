@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lens.config import RunConfig
-from lens.decode import finite_rows, last_rows
+from lens.decode import Workspace, decode_many, finite_rows, last_rows
 from lens.model import capture_batch
 from lens.passes import passes_for, run_passes
 from lens.probe import load_probe
@@ -97,3 +97,32 @@ def test_a_row_with_a_non_finite_log_probability_is_not_finite(tiny_models):
     logp = torch.log_softmax(logits, dim=-1)
     rows = last_rows([ctx], logits, logp, [0])
     assert rows[0][0].finite and not rows[1][0].finite
+
+
+def test_a_workspace_is_reused_across_calls_and_gives_the_same_steps(tiny_models):
+    """Every ``decode_many`` call of a run borrows the run's one buffer (no fresh
+    100 MB per call); the steps are those of a call with buffers of its own, and
+    a call made while the buffer is borrowed gets a buffer of its own."""
+    model = tiny_models["tiny-llama"]
+    analysis = build_analysis(model, RunConfig(dtype="float64", lenses=()))
+    fact = load_probe(TINY_PROBE).facts[0]
+    passes = passes_for(fact)
+    caps = capture_batch(model, [p.token_ids(analysis) for p in passes])
+    items = [(p.context(analysis, cap, p.token_ids(analysis)), cap.resids)
+             for p, cap in zip(passes, caps, strict=True)]
+
+    def values(workspace: Workspace | None) -> list[tuple[int, int, list[float], list[float]]]:
+        return [(i, s.layer, s.entropy.tolist(), s.logp[-1].tolist())
+                for i, s in decode_many(items, analysis.lens, workspace=workspace)]
+
+    workspace = Workspace()
+    first = values(workspace)
+    storage = workspace._buffer.untyped_storage().data_ptr()
+    assert values(workspace) == first == values(None)
+    assert workspace._buffer.untyped_storage().data_ptr() == storage
+    outer = decode_many(items, analysis.lens, workspace=workspace)
+    step = next(outer)[1]
+    inner = next(decode_many(items, analysis.lens, workspace=workspace))[1]
+    assert inner.logits.untyped_storage().data_ptr() != step.logits.untyped_storage().data_ptr()
+    assert step.logits.untyped_storage().data_ptr() == storage
+    outer.close()

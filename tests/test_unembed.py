@@ -10,6 +10,7 @@ from torch import nn
 
 from lens.errors import LensError
 from lens.unembed import (
+    CPU_BLOCK_COLUMNS,
     NO_TRANSFORM,
     HeadTransform,
     Unembed,
@@ -258,3 +259,27 @@ def test_unembed_decodes_through_the_head():
     x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     got = Unembed(W, b, dtype=torch.float64, head=capped)(x)
     torch.testing.assert_close(got, torch.tanh((x @ W + b) / 5.0) * 5.0)
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_column_blocks_give_the_whole_matmul_bit_for_bit(lead, bias):
+    """A float32 CPU unembedding wider than two blocks runs block by block
+    (``CPU_BLOCK_COLUMNS``), into ``out`` when given; its logits are those of one
+    matmul through the head, for ``W_U`` as a model gives it (``LoadedModel.W_U``:
+    a transposed view of the head's weight)."""
+    gen = torch.Generator().manual_seed(7)
+    d_model, d_vocab = 24, 3 * CPU_BLOCK_COLUMNS + 37  # a ragged last block
+    W = torch.randn(d_vocab, d_model, generator=gen).T
+    b = torch.randn(d_vocab, generator=gen) if bias else None
+    x = torch.randn(*lead, d_model, generator=gen)
+    capped = HeadTransform((("softcap", 3.0, "final_logit_softcapping"),))
+    unembed = Unembed(W, b, dtype=torch.float32, head=capped)
+    whole = torch.matmul(x, W)
+    if b is not None:
+        whole.add_(b)
+    expected = torch.tanh(whole / 3.0) * 3.0
+    assert torch.equal(unembed(x), expected)
+    out = torch.full((*lead, d_vocab), float("nan"))
+    got = unembed(x, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, expected)
