@@ -16,9 +16,10 @@ from lens import summaries
 from lens.aggregate import FactRecords, aggregate_report
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
+from lens.forwards import Forwards
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
 from lens.metrics import entropy_bits
-from lens.model import LoadedModel, capture, capture_batch, head_logits, tokenize
+from lens.model import LoadedModel, head_logits, tokenize
 from lens.passes import Analysis, Pass, PassResult, passes_for, run_passes
 from lens.records import ConsistencyRecord, NextTokenRecord, RawCheckRecord, Record
 from lens.timing import StageTimer, maybe_stage
@@ -107,29 +108,30 @@ def _norm_name(spec: Any) -> str:
     return str(spec.kind)
 
 
-def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]], *, padded: bool,
+def _named(fact: Fact, p: Pass, exc: LensError) -> LensError:
+    return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
+
+
+def _token_ids(analysis: Analysis, fact: Fact, p: Pass) -> list[int]:
+    try:
+        return p.token_ids(analysis)
+    except LensError as exc:
+        raise _named(fact, p, exc) from exc
+
+
+def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
+               ids: Sequence[Sequence[int]], forwards: Forwards, *,
                timer: StageTimer | None = None) -> list[PassResult]:
     """Run a chunk of passes: their forwards, then each lens's rows of all of them decoded
     together (``lens.passes.run_passes``); the whole timed as ``passes/all``.
 
-    ``padded`` runs the forwards as one right-padded batch (many facts); else each
-    pass has its own forward, the reference computation of a one-fact probe. A
-    ``LensError`` makes the passes run one by one, so that the error names its fact
-    and pass.
+    ``forwards`` runs the prompts (``ids``) it has not run yet
+    (``lens.forwards.Forwards``). A ``LensError`` makes the passes run one by
+    one, so that the error names its fact and pass.
     """
-    def named(fact: Fact, p: Pass, exc: LensError) -> LensError:
-        return LensError(f"fact {fact.id} ({p.prompt_id}/{p.variant}): {exc}")
-
     with maybe_stage(timer, "passes/all"):
-        ids = []
-        for fact, p in chunk:
-            try:
-                ids.append(p.token_ids(analysis))
-            except LensError as exc:
-                raise named(fact, p, exc) from exc
         with maybe_stage(timer, "breakdown/capture"):
-            caps = (list(capture_batch(analysis.model, ids)) if padded
-                    else [capture(analysis.model, i) for i in ids])
+            caps = forwards.take(ids)
         try:
             return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps, strict=True)],
                               timer=timer)
@@ -140,7 +142,7 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]], *, padded
             try:
                 results.append(p.run(analysis, cap, timer=timer))
             except LensError as exc:
-                raise named(fact, p, exc) from exc
+                raise _named(fact, p, exc) from exc
         return results
 
 
@@ -152,8 +154,9 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
 
     A one-fact probe runs each pass in its own forward (so its outputs are the
     reference bytes); a probe with more facts runs its passes, fact by fact,
-    in padded batches of ``config.batch_size`` prompts. Either way the rows of a
-    chunk's passes are decoded together. Residuals are kept only with
+    in padded batches of ``config.batch_size`` prompts. Either way a prompt that
+    recurs (a fact's prompt as another's control) is forwarded once, and the
+    rows of a chunk's passes are decoded together. Residuals are kept only with
     ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
     as facts complete; ``timer`` gets ``passes/all``, ``breakdown/*`` and
@@ -162,12 +165,14 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     analysis = build_analysis(model, config, progress=progress)
     plan = [(fact, p) for fact in probe.facts for p in passes_for(fact)]
     size = config.batch_size if probe.is_multi else len(plan)
+    ids = [_token_ids(analysis, fact, p) for fact, p in plan]
+    forwards = Forwards(model, ids, padded=probe.is_multi)
     by_fact: dict[str, list[PassResult]] = {f.id: [] for f in probe.facts}
     last_pass = {fact.id: i for i, (fact, _) in enumerate(plan)}
     done = 0
     for start in range(0, len(plan), size):
         chunk = plan[start:start + size]
-        results = _run_chunk(analysis, chunk, padded=probe.is_multi, timer=timer)
+        results = _run_chunk(analysis, chunk, ids[start:start + size], forwards, timer=timer)
         for (fact, _), res in zip(chunk, results, strict=True):
             by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
         finished = sum(1 for i in last_pass.values() if i < start + size)

@@ -163,10 +163,10 @@ def test_batch_size_does_not_change_the_outputs(tiny_models, name):
 
 def test_one_fact_probe_runs_unbatched(tiny_models, monkeypatch):
     """A one-fact probe keeps the single-prompt path: its bytes are the goldens' bytes."""
-    import lens.report
+    import lens.forwards
 
     def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("capture_batch called for a one-fact probe")
 
-    monkeypatch.setattr(lens.report, "capture_batch", fail)
+    monkeypatch.setattr(lens.forwards, "capture_batch", fail)
     analyse(tiny_models["tiny-gpt2"], default_probe(), RunConfig(dtype="float64", batch_size=8))
