@@ -4,18 +4,22 @@ A run's PNGs need only its records, and their cost is matplotlib: about half
 a second to import, then a fraction of a second per figure, in pure Python
 that holds one core. ``PlotPool`` starts its workers (``python -m
 lens.plotpool``) when a run starts, so their import runs beside the model
-load, which leaves cores idle; at write time the figures (``lens.plots.PlotJob``)
-are spread over the workers and drawn in parallel, and the run's own process
-never imports matplotlib. The bytes are those of drawing in process: the same
-code and style. A worker that cannot start or that fails leaves its figures
-to be drawn in process, so a pool changes how fast the PNGs come, never what
-they are.
+load, which leaves cores idle. A many-fact probe hands each fact's heatmap to
+the pool as soon as the fact's passes are done (``submit``), so the workers
+draw on what the decode leaves idle; at write time the rest of the figures
+(``lens.plots.PlotJob``) are spread over the workers and drawn in parallel,
+and the run's own process never imports matplotlib. The bytes are those of
+drawing in process: the same code and style. A worker that cannot start or
+that fails leaves its figures to be drawn in process, so a pool changes how
+fast the PNGs come, never what they are.
 
 Protocol: a job list goes to a worker's stdin as one length-prefixed pickle;
 the worker answers with one length-prefixed pickle, ``{file: png bytes}``, or
-closes its stdout. It exits at end of input, at once (``os._exit``: the run
-waits for it). Its stderr is discarded: the
-in-process fallback reports any real error the normal way.
+closes its stdout. One thread per worker in the run's process sends it a list
+and waits for the answer before the next, so neither side ever blocks on a
+full pipe while the run decodes. A worker exits at end of input, at once
+(``os._exit``: the run waits for it). Its stderr is discarded: the in-process
+fallback reports any real error the normal way.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -56,8 +62,8 @@ def _receive(stream: IO[bytes]) -> Any:
 
 
 class PlotPool:
-    """Up to ``workers`` plot processes, started now, used once by ``draw``, then closed
-    (``close``, or the end of a ``with`` block)."""
+    """Up to ``workers`` plot processes, started now; figures go to them with ``submit``
+    and come back with ``draw``; ``close`` (or the end of a ``with`` block) ends them."""
 
     def __init__(self, workers: int) -> None:
         root = str(Path(__file__).resolve().parents[1])  # this very lens in the workers
@@ -73,6 +79,19 @@ class PlotPool:
                 break  # fewer workers (or none): the rest is drawn in process
             with contextlib.suppress(OSError, AttributeError):  # from its first instruction on
                 os.setpriority(os.PRIO_PROCESS, self._procs[-1].pid, NICENESS)
+        self._done = threading.Condition()
+        self._drawn: dict[str, bytes] = {}
+        self._owed: dict[str, int] = {}
+        """File → the worker (index) drawing it, until its bytes or the worker's end."""
+        self._load = [0] * len(self._procs)
+        self._queues: list[queue.SimpleQueue[list[PlotJob] | None]] = []
+        self._threads: list[threading.Thread] = []
+        for i, proc in enumerate(self._procs):
+            self._queues.append(queue.SimpleQueue())
+            self._threads.append(threading.Thread(
+                target=self._feed, args=(i, proc, self._queues[i]), daemon=True,
+                name=f"lens-plot-{i}"))
+            self._threads[-1].start()
 
     def __enter__(self) -> PlotPool:
         return self
@@ -84,35 +103,61 @@ class PlotPool:
     def size(self) -> int:
         return len(self._procs)
 
+    def _feed(self, index: int, proc: subprocess.Popen[bytes],
+              jobs_in: queue.SimpleQueue[list[PlotJob] | None]) -> None:
+        """Worker ``index``'s thread: each job list to the worker, its answer into ``_drawn``.
+
+        A worker that fails owes nothing more: its figures are drawn in process.
+        """
+        alive = True
+        while (jobs := jobs_in.get()) is not None:
+            answer: dict[str, bytes] = {}
+            if alive:
+                try:
+                    _send(proc.stdin, jobs)  # type: ignore[arg-type]
+                    answer = _receive(proc.stdout)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - a dead worker, a closed pipe, a bad pickle
+                    alive = False
+            with self._done:
+                for job in jobs:
+                    if job.file in answer:
+                        self._drawn[job.file] = answer[job.file]
+                    self._owed.pop(job.file, None)
+                    self._load[index] -= 1
+                self._done.notify_all()
+
+    def submit(self, jobs: Sequence[PlotJob]) -> None:
+        """Start drawing ``jobs`` now, each on the least busy worker; ``draw`` collects them.
+
+        Without workers this does nothing: ``draw`` draws them in process.
+        """
+        if not self._procs:
+            return
+        with self._done:
+            for job in jobs:
+                if job.file in self._owed or job.file in self._drawn:
+                    continue
+                index = min(range(len(self._procs)), key=self._load.__getitem__)
+                self._owed[job.file] = index
+                self._load[index] += 1
+                self._queues[index].put([job])
+
     def draw(self, jobs: Sequence[PlotJob]) -> dict[str, bytes]:
         """Every job's PNG, keyed by its file name, in the order of ``jobs``.
 
-        Jobs are dealt out round-robin; whatever a worker does not return is
-        drawn in this process.
+        Jobs not yet submitted are submitted now; whatever a worker does not
+        return is drawn in this process.
         """
-        shares: list[list[PlotJob]] = [[] for _ in self._procs]
-        for i, job in enumerate(jobs):
-            if shares:
-                shares[i % len(shares)].append(job)
-        sent = []
-        for proc, share in zip(self._procs, shares, strict=True):
-            if not share:
-                continue
-            try:
-                _send(proc.stdin, share)  # type: ignore[arg-type]
-                sent.append(proc)
-            except OSError:
-                continue
-        drawn: dict[str, bytes] = {}
-        for proc in sent:
-            try:
-                drawn.update(_receive(proc.stdout))  # type: ignore[arg-type]
-            except (EOFError, OSError, pickle.UnpicklingError):
-                continue
+        self.submit(jobs)
+        with self._done:
+            self._done.wait_for(lambda: not any(job.file in self._owed for job in jobs))
+            drawn = {job.file: self._drawn.pop(job.file) for job in jobs if job.file in self._drawn}
         return {job.file: drawn[job.file] if job.file in drawn else job.draw() for job in jobs}
 
     def close(self) -> None:
         """End every worker: close its input (it exits), kill it if it does not."""
+        for jobs_in in self._queues:
+            jobs_in.put(None)
         for proc in self._procs:
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # type: ignore[union-attr]
@@ -124,7 +169,9 @@ class PlotPool:
                 proc.wait()
             with contextlib.suppress(OSError):
                 proc.stdout.close()  # type: ignore[union-attr]
-        self._procs = []
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._procs, self._queues, self._threads = [], [], []
 
 
 def workers_for(n_jobs: int) -> int:

@@ -343,22 +343,27 @@ class PlotJob:
         return plot_trajectories(self.records, title=self.title)  # type: ignore[arg-type]
 
 
+def heatmap_job(model: Any, fact_id: str, passes: Any, *, multi: bool) -> PlotJob:
+    """One fact's heatmap, from its passes (``lens.passes.PassResult``) as soon as they
+    are done: the job ``plot_jobs`` makes for it (``lens.runmodel`` submits it early)."""
+    from lens.outputs import heatmap_file
+
+    recs = tuple(r for p in passes for r in p.records
+                 if isinstance(r, PositionRecord) and r.lens == "norm"
+                 and (r.prompt_id, r.variant) == ("pos", "orig"))
+    return PlotJob(
+        heatmap_file(model.name, fact_id if multi else None), "heatmap", recs,
+        n_layers=model.n_layers,
+        title=f"{model.name} · {fact_id} · pos/orig: top-1 token by layer, colour = entropy (bits)")
+
+
 def plot_jobs(run: Any) -> list[PlotJob]:
     """The PNGs of one model's run (``lens.report.ModelRun``): a heatmap per fact, then the
     trajectories."""
-    from lens.outputs import heatmap_file, trajectories_file
+    from lens.outputs import trajectories_file
 
-    name, n_layers = run.model.name, run.model.n_layers
-    multi = run.probe.is_multi
-    jobs = []
-    for fact_run in run.facts:
-        fid = fact_run.fact.id
-        recs = tuple(r for p in fact_run.passes for r in p.records
-                     if isinstance(r, PositionRecord) and r.lens == "norm"
-                     and (r.prompt_id, r.variant) == ("pos", "orig"))
-        jobs.append(PlotJob(
-            heatmap_file(name, fid if multi else None), "heatmap", recs, n_layers=n_layers,
-            title=f"{name} · {fid} · pos/orig: top-1 token by layer, colour = entropy (bits)"))
+    name, multi = run.model.name, run.probe.is_multi
+    jobs = [heatmap_job(run.model, fr.fact.id, fr.passes, multi=multi) for fr in run.facts]
     pure = tuple(r for r in run.records if isinstance(r, NextTokenRecord))
     what = f"probe {run.probe.name}" if multi else run.facts[0].fact.id
     legend = ", ".join(f"{lens} {name}"

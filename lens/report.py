@@ -149,6 +149,7 @@ def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
 def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
             progress: Callable[[str, int, int], None] | None = None,
             fact_progress: FactProgressFn | None = None,
+            fact_done: Callable[[Fact, Sequence[PassResult]], None] | None = None,
             timer: StageTimer | None = None) -> ModelRun:
     """Run every pass of every fact of the probe and assemble the reports.
 
@@ -159,8 +160,9 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     rows of a chunk's passes are decoded together. Residuals are kept only with
     ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
-    as facts complete; ``timer`` gets ``passes/all``, ``breakdown/*`` and
-    ``head_probes`` seconds.
+    as facts complete; ``fact_done`` each fact and its passes' results as soon
+    as they are all done, in probe order (the run starts drawing its heatmap);
+    ``timer`` gets ``passes/all``, ``breakdown/*`` and ``head_probes`` seconds.
     """
     analysis = build_analysis(model, config, progress=progress)
     plan = [(fact, p) for fact in probe.facts for p in passes_for(fact)]
@@ -176,9 +178,13 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
         for (fact, _), res in zip(chunk, results, strict=True):
             by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
         finished = sum(1 for i in last_pass.values() if i < start + size)
-        if fact_progress is not None and finished > done:
+        if finished > done:
+            for fact in probe.facts[done:finished]:
+                if fact_done is not None:
+                    fact_done(fact, by_fact[fact.id])
             done = finished
-            fact_progress(done, len(probe.facts), probe.facts[done - 1].id)
+            if fact_progress is not None:
+                fact_progress(done, len(probe.facts), probe.facts[done - 1].id)
     facts = tuple(
         FactRun(fact=f, passes=tuple(by_fact[f.id]),
                 report=_report(model, f, analysis, by_fact[f.id], timer=timer))

@@ -129,6 +129,7 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
     from lens.plotpool import PlotPool, workers_for
+    from lens.plots import heatmap_job
     from lens.report import analyse
 
     name = outputs.output_name(model_id)
@@ -156,8 +157,12 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
             froze = freeze_loaded()  # the run's collections skip the model
         timer.stop("load")
         at("analyse")
+        early = (None if pool is None else  # each fact's heatmap drawn while the rest decodes
+                 lambda fact, passes: pool.submit([heatmap_job(model, fact.id, passes,
+                                                               multi=probe.is_multi)]))
         run = analyse(model, probe, config, progress=progress.layer,
-                      fact_progress=progress.fact if probe.is_multi else None, timer=timer)
+                      fact_progress=progress.fact if probe.is_multi else None,
+                      fact_done=early, timer=timer)
         warn_non_finite(name, run.report)
         timer.start("write")
         files = outputs.run_files(run, config, evaluation=evaluation_stub(name, run.report),

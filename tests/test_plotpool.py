@@ -91,3 +91,38 @@ def test_sigterm_mid_run_with_plots_ends_cleanly(tmp_path, quiet):
     assert sorted(p.name for p in run.out.iterdir()) == [f"output-{name}.error.json"]
     assert "lens: interrupted" in run.err and "Traceback" not in run.err
     assert _plot_workers_of(tmp_path) == []
+
+
+def test_figures_submitted_early_come_back_from_draw_without_drawing_again(jobs):
+    """``submit`` starts a figure at once (a fact's heatmap as its passes finish);
+    ``draw`` then collects it with the rest, the same bytes, each figure drawn once."""
+    want = draw_in_process(jobs)
+    with PlotPool(2) as pool:
+        pool.submit(jobs[:2])
+        pool.submit(jobs[:1])  # again: still one drawing
+        assert sum(pool._load) == 2
+        got = pool.draw(jobs)
+        assert sum(pool._load) == 0 and not pool._owed and not pool._drawn
+    assert list(got) == [job.file for job in jobs]
+    assert got == want
+
+
+def test_a_run_submits_each_heatmap_as_its_fact_finishes(tiny_models):
+    """``analyse`` hands each fact's passes to ``fact_done`` in probe order as soon as
+    they are done; the heatmap job made from them is the one ``plot_jobs`` makes."""
+    from lens.plots import heatmap_job
+
+    model = tiny_models["tiny-llama"]
+    probe = load_probe(TINY_PROBE)
+    seen: list[tuple[str, int]] = []
+    early = {}
+
+    def done(fact, passes):  # type: ignore[no-untyped-def]
+        seen.append((fact.id, len(passes)))
+        early[fact.id] = heatmap_job(model, fact.id, passes, multi=True)
+
+    run = analyse(model, probe, RunConfig(dtype="float64", batch_size=2), fact_done=done)
+    assert [fid for fid, _ in seen] == [f.id for f in probe.facts]
+    assert all(n == len(fr.passes) for (_, n), fr in zip(seen, run.facts, strict=True))
+    heatmaps = [j for j in plot_jobs(run) if j.kind == "heatmap"]
+    assert heatmaps == [early[f.id] for f in probe.facts]
