@@ -425,3 +425,42 @@ def test_settle_keeps_values_on_the_grid():
 @pytest.mark.parametrize("text", ["—", "。", " «»", "¿", "…"])
 def test_non_ascii_punctuation_is_punctuation(text):
     assert is_blank_or_punct(text)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probs_is_exp_above_the_denormal_floor_and_the_floor_below(dtype):
+    """``probs`` is ``exp`` bit for bit down to log(tiny) + 0.34 (where exp's result
+    is a normal number); below, the floor's exp, so that no denormal is made."""
+    floor = math.log(torch.finfo(dtype).tiny) + 0.34
+    above = torch.linspace(floor, 0.0, 10_001, dtype=dtype)
+    assert torch.equal(metrics.probs(above), above.exp())
+    below = torch.tensor([floor - 1e-3, floor - 5, floor - 100, -math.inf], dtype=dtype)
+    got = metrics.probs(below)
+    assert torch.equal(got, torch.full_like(below, floor).exp())
+    assert bool((got >= torch.finfo(dtype).tiny).all())  # normal numbers only
+    out = torch.empty_like(above)
+    assert metrics.probs(above, out=out).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("scale", [1.0, 12.0, 40.0])
+def test_entropy_and_kl_of_peaked_float32_rows_equal_the_plain_formulas(scale):
+    """Rows whose tokens are nearly all below e^-87 (deep layers' last positions): the
+    floored terms change no float32 entropy or KL against the plain exp."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(16, 4096, generator=gen) * scale
+    logp = torch.log_softmax(z, dim=-1)
+    logq = torch.log_softmax(torch.randn(16, 4096, generator=gen) * scale, dim=-1)
+    plain_h = (-(logp.exp() * logp).sum(-1) / math.log(2)).clamp_min(0.0)
+    plain_kl = (((logp - logq) * logp.exp()).sum(-1) / math.log(2)).clamp_min(0.0)
+    torch.testing.assert_close(entropy_bits(logp), plain_h, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(kl_bits(logp, logq), plain_kl, rtol=1e-6, atol=1e-30)
+    assert bool((logp < -90).float().mean() > 0.5) or scale < 40  # the rows are peaked
+
+
+def test_entropy_and_kl_with_impossible_tokens_stay_finite_under_the_floor():
+    """log p = −inf times the floored p is −inf: such rows are summed again with the mask."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), -math.inf, -math.inf]])
+    assert entropy_bits(logp).item() == pytest.approx(1.0)
+    logq = torch.tensor([[math.log(0.25)] * 4])
+    assert kl_bits(logp, logq).item() == pytest.approx(1.0)
+    assert kl_bits(logq, logp).item() == math.inf  # q has mass where p has none
