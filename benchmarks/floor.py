@@ -10,7 +10,8 @@ What a run cannot avoid, on the same model, in a fresh process:
 - the fact's test prompts as ONE padded forward (``lens.model.head_logits``);
 - decoding exactly the rows the outputs contain: every layer × every position
   of pos/orig (its per-position records), the last position of pos/no_filler
-  and ctl/orig (their next-token records only): norm, ``@ W_U (+ b_U)``,
+  and ctl/orig (their next-token records only): norm, ``@ W_U (+ b_U)``
+  through ``lens.unembed.Unembed`` (the run's matmul: column blocks on CPU),
   log-softmax and top-20, chunked at the run's ``lens.decode.CHUNK_ELEMENTS``
   logits per matmul. ``--sidecar`` decodes the same rows once more through the
   final norm: the logit-lens sidecar, which ``python -m lens.run`` decodes by default.
@@ -41,23 +42,22 @@ from lens.config import default_probe  # noqa: E402
 from lens.decode import CHUNK_ELEMENTS  # noqa: E402
 from lens.model import capture, head_logits, load_model, tokenize  # noqa: E402
 from lens.passes import passes_for  # noqa: E402
-from lens.unembed import analysis_dtype  # noqa: E402
+from lens.unembed import Unembed, analysis_dtype  # noqa: E402
 
 TOPK = 20
 
 
 def decode_rows(model, rows: torch.Tensor, norm_of_layer) -> None:  # type: ignore[no-untyped-def]
     """(layers, n, d_model) residual rows → top-k of their log-softmax, chunked like a run."""
-    W, b = model.W_U, model.b_U
     adtype = analysis_dtype(model.dtype)
+    # the run's matmul: on CPU in float32, column blocks (lens.unembed.CPU_BLOCK_COLUMNS)
+    unembed = Unembed(model.W_U, model.b_U, dtype=adtype)
     n_layers, n, _ = rows.shape
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, n * W.shape[-1]))
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, n * unembed.d_vocab))
     for first in range(0, n_layers, per_chunk):
         layers = range(first, min(n_layers, first + per_chunk))
-        logits = torch.stack([norm_of_layer(i)(rows[i]) for i in layers]) @ W
-        if b is not None:
-            logits += b
-        torch.topk(torch.log_softmax(logits.to(adtype), dim=-1), TOPK, dim=-1)
+        logits = unembed(torch.stack([norm_of_layer(i)(rows[i]) for i in layers]))
+        torch.topk(torch.log_softmax(logits, dim=-1), TOPK, dim=-1)
 
 
 def main() -> int:

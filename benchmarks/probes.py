@@ -8,8 +8,9 @@ process and reports facts per second over the run's own analysis and writing
 (``timings.json``: total minus load) and over the whole process, plus the
 process's CPU seconds (all threads; less sensitive to other processes' load
 than wall time). ``--facts N`` generates an N-fact probe by cycling the
-built-in ``capitals`` facts under fresh ids (the same prompts, so the same
-work per fact). ``--threads`` sets ``OMP_NUM_THREADS``; ``--lenses ''`` runs
+built-in ``capitals`` facts under fresh ids, each cycle's prompts tagged
+``[c] `` (the same work per fact as ``capitals``, no prompt shared across
+cycles). ``--threads`` sets ``OMP_NUM_THREADS``; ``--lenses ''`` runs
 without sidecar lenses (a default run decodes the logit lens at every
 position too, doubling the per-position work of a probe). ``--baseline DIR``
 runs another checkout (its own ``.venv``) and this one in pairs, baseline
@@ -35,11 +36,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def generated_probe(n_facts: int, dest: Path) -> Path:
-    """An ``n_facts`` probe: the capitals facts cycled, each copy under its own id."""
-    base = json.loads((REPO / "lens" / "probes" / "capitals.json").read_text())
-    facts = [dict(base["facts"][i % len(base["facts"])],
-                  id=f"{base['facts'][i % len(base['facts'])]['id']}-{i:04d}")
-             for i in range(n_facts)]
+    """An ``n_facts`` probe: the capitals facts cycled, each copy under its own id.
+
+    Every prompt of the c-th cycle starts with ``"[c] "``, so no two cycles share
+    a prompt (a run forwards each distinct prompt once) while within a cycle,
+    as in ``capitals``, each fact's control is another fact's prompt.
+    """
+    base = json.loads((REPO / "lens" / "probes" / "capitals.json").read_text())["facts"]
+
+    def copy(i: int) -> dict:
+        fact, tag = base[i % len(base)], f"[{i // len(base)}] "
+        out = dict(fact, id=f"{fact['id']}-{i:04d}", prompt=tag + fact["prompt"])
+        if fact.get("no_filler"):
+            out["no_filler"] = tag + fact["no_filler"]
+        if fact.get("control"):
+            out["control"] = dict(fact["control"], prompt=tag + fact["control"]["prompt"])
+        return out
+
+    facts = [copy(i) for i in range(n_facts)]
     dest.write_text(json.dumps({"name": f"capitals-x{n_facts}", "facts": facts}, indent=1))
     return dest
 
