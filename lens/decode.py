@@ -25,8 +25,13 @@ from lens.windows import RollingWindow
 
 CHUNK_ELEMENTS = 1 << 25
 """Decode at most this many logits (layers × positions × vocab) per matmul."""
-SLICE_ELEMENTS = 1 << 20
-"""The last-position metrics work on at most this many logits at a time (their temporaries)."""
+SLICE_ELEMENTS = 1 << 18
+"""The last-position metrics work on at most this many logits at a time (their temporaries).
+
+A run's ``Workspace`` holds its largest chunk's buffers through the smaller
+decodes too, so their temporaries add to it: at 2^20 logits (4 MB each, five
+alive at once) the default run's peak rose from 1.5× to 1.8× one pass's
+logits; at 2^18 it is 1.5× again, for a few ms more of Python per run."""
 
 DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
 """(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
@@ -40,13 +45,19 @@ class Workspace:
     buffer of ~100 MB for each cost 45-60 ms on CPU (the kernel's page faults
     on first touch and the unmap after), 1.4 s of a 24-fact probe. The buffer
     grows to the largest call's need and lives as long as its owner
-    (``lens.passes.Analysis``: one model's run). A call made while another
-    holds the buffer (a decode inside an emitter) gets a buffer of its own.
+    (``lens.passes.Analysis``: one model's run; ``release`` frees it when the
+    passes are done). A call made while another holds the buffer (a decode
+    inside an emitter) gets a buffer of its own.
     """
 
     def __init__(self) -> None:
         self._buffer: Tensor | None = None
         self._busy = False
+
+    def release(self) -> None:
+        """Free the buffer (a run's passes are done: what follows need not hold it)."""
+        if not self._busy:
+            self._buffer = None
 
     @contextmanager
     def borrow(self, numel: int, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:

@@ -185,6 +185,7 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
             done = finished
             if fact_progress is not None:
                 fact_progress(done, len(probe.facts), probe.facts[done - 1].id)
+    analysis.workspace.release()  # the decode buffers: not held through the head probes
     facts = tuple(
         FactRun(fact=f, passes=tuple(by_fact[f.id]),
                 report=_report(model, f, analysis, by_fact[f.id], timer=timer))

@@ -125,4 +125,8 @@ def test_a_workspace_is_reused_across_calls_and_gives_the_same_steps(tiny_models
     inner = next(decode_many(items, analysis.lens, workspace=workspace))[1]
     assert inner.logits.untyped_storage().data_ptr() != step.logits.untyped_storage().data_ptr()
     assert step.logits.untyped_storage().data_ptr() == storage
+    workspace.release()  # borrowed: kept
+    assert workspace._buffer is not None
     outer.close()
+    workspace.release()  # a run's passes are done: freed
+    assert workspace._buffer is None
