@@ -19,17 +19,8 @@ import torch
 
 from lens.config import Fact, RunConfig
 from lens.decode import Workspace, decode_many
-from lens.emitters import (
-    Emitter,
-    LastLayerConsistency,
-    NextTokenEmitter,
-    PassContext,
-    PositionEmitter,
-    RawLensCheck,
-    Record,
-    Rows,
-    prefetch_raw_checks,
-)
+from lens.diagnostic_emitters import LastLayerConsistency, RawLensCheck, prefetch_raw_checks
+from lens.emitters import Emitter, NextTokenEmitter, PassContext, PositionEmitter, Record, Rows
 from lens.gold import align, encode
 from lens.lenses import Lens, RawLens
 from lens.model import Capture, LoadedModel, capture, tokenize

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from lens import metrics
-from lens.config import SEED
-from lens.emitters import depth_layers
 from lens.artifacts import ModelFacts, verdict
 from lens.cli import OneLineParser, add_config_flags
+from lens.config import SEED
+from lens.diagnostic_emitters import depth_layers
 from lens.errors import LensError, first_line
 from lens.lenses import Lens, LogitLens, NormLens
 from lens.model import Capture, LoadedModel, capture_batch, tokenize

@@ -27,14 +27,8 @@ from lens.checks import (
 )
 from lens.config import RunConfig, default_probe
 from lens.decode import decode_steps
-from lens.emitters import (
-    LastLayerConsistency,
-    LayerStep,
-    NextTokenEmitter,
-    PositionEmitter,
-    RawLensCheck,
-    prefetch_raw_checks,
-)
+from lens.diagnostic_emitters import LastLayerConsistency, RawLensCheck, prefetch_raw_checks
+from lens.emitters import LayerStep, NextTokenEmitter, PositionEmitter
 from lens.lenses import LogitLens, NormLens, RawLens
 from lens.model import capture, tokenize
 from lens.passes import OrigPass
