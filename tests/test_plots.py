@@ -5,26 +5,25 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from lens import heatmap
 from lens.config import RunConfig
-from lens.records import PositionRecord
+from lens.heatmap import MAX_POSITIONS, display_token, heatmap_size, plot_heatmap
 from lens.plots import (
-    MAX_POSITIONS,
     SWEEP_SIZE,
     TRAJECTORY_SIZE,
     SweepModel,
-    display_token,
-    heatmap_size,
-    plot_heatmap,
     plot_sweep,
     plot_trajectories,
     sweep_model_from_dir,
 )
 from lens.probe import default_probe, load_probe
+from lens.records import PositionRecord
 from lens.report import analyse
 from lens.testing import TINY_MODELS
 
@@ -94,6 +93,26 @@ def test_heatmap_caps_long_prompts():
 def test_heatmap_survives_awkward_tokens(token):
     assert png_size(plot_heatmap(_records(3, 2, token), n_layers=2, title=f"t {token}")) == (
         heatmap_size(3, 2))
+
+
+def test_heatmap_frame_reuse_draws_the_pixels_of_a_fresh_figure(monkeypatch):
+    """A kept frame (axes, layer ticks, colour bar) redrawn with another heatmap of its
+    shape gives that heatmap's fresh PNG: other tokens, labels and colour scale."""
+    a = _records(5, 3, "alpha")
+    b = [replace(r, entropy=r.entropy * 3.1 + 0.4, topk=(("β", 0.9),)) for r in _records(5, 3)]
+    c = _records(5, 3, "gamma")[:-2]  # two cells missing: NaN in the image
+    draw = {"a": lambda: plot_heatmap(a, n_layers=3, title="a"),
+            "b": lambda: plot_heatmap(b, n_layers=3, title="b, a longer title"),
+            "c": lambda: plot_heatmap(c, n_layers=3, title="c")}
+    fresh = {}
+    for name, fn in draw.items():
+        monkeypatch.setattr(heatmap, "_frames", {})
+        fresh[name] = fn()
+    monkeypatch.setattr(heatmap, "_frames", {})
+    for name in ("a", "b", "a", "c", "b", "c"):
+        assert draw[name]() == fresh[name], name
+    assert len(heatmap._frames) == 1  # one shape, one frame
+    assert len({*fresh.values()}) == 3
 
 
 def test_display_token():
