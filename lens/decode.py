@@ -77,16 +77,15 @@ class Workspace:
             self._busy = False
 
 
-def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.dtype,
-                   k: int, buffers: Tensor | None = None) -> Iterator[DecodedChunk]:
+def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, k: int,
+                   buffers: Tensor) -> Iterator[DecodedChunk]:
     """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
 
     The logits, log-probabilities and the entropy's terms of every chunk go
-    into three buffers, ``buffers`` (3, ≥ one chunk's logits) or made here
-    once, the size of the first chunk: a fresh tensor of that size per chunk
-    (tens of MB) costs the kernel's page faults every time, 10-15 ms each on
-    CPU, which on a many-fact probe added seconds. A chunk's tensors are
-    therefore valid until the next chunk is decoded.
+    into ``buffers`` (3, ≥ one chunk's logits, the analysis dtype): a fresh
+    tensor of that size per chunk (tens of MB) costs the kernel's page faults
+    every time, 10-15 ms each on CPU, which on a many-fact probe added seconds.
+    A chunk's tensors are therefore valid until the next chunk is decoded.
     """
     n_layers, rows = resids.shape[:2]
     vocab = lens.unembed.d_vocab
@@ -94,8 +93,6 @@ def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, dtype: torch.d
         layers = list(range(start, min(n_layers, start + per_chunk)))
         shape = (len(layers), rows, vocab)
         size = len(layers) * rows * vocab
-        if buffers is None:  # the first chunk is the largest
-            buffers = torch.empty((3, size), dtype=dtype, device=resids.device)
         # the unembedding's dtype is the analysis dtype (lens.unembed): no cast, no copy
         logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers,
                              out=buffers[0, :size].view(shape))
@@ -205,15 +202,13 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]], lens: Lens,
                    groups: Sequence[Sequence[int]], chunk_layers: Sequence[int],
                    buffers: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
     """``decode_many``'s loop: each group of items in chunks of layers, into ``buffers``."""
-    dtype = buffers.dtype
     windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
     for group, per_chunk in zip(groups, chunk_layers, strict=True):
         resids = torch.cat([items[i][1] for i in group], dim=1)
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
         ctxs = [items[i][0] for i in group]
-        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, dtype=dtype, k=k,
-                                    buffers=buffers):
+        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers):
             layers, logits, logp, entropy, top_p, top_ids = chunk
             last = last_rows(ctxs, logits, logp, [b - 1 for _, b in spans])
             lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]
