@@ -25,6 +25,15 @@ from lens.windows import RollingWindow
 
 CHUNK_ELEMENTS = 1 << 25
 """Decode at most this many logits (layers × positions × vocab) per matmul."""
+ROW_SLICE_ELEMENTS = 1 << 19
+"""A chunk's log-softmax, entropy and top-k run on about this many logits at a time.
+
+The matmul wants many rows at once (MKL's float32 unembedding of SmolLM2 ran
+at 103 GFLOP/s with 153 rows, 150 with 272, on 2 threads), the row-wise work
+after it wants rows that stay in cache: slices of 2 MB (float32) did a chunk's
+log-softmax, entropy and top-k in 49 ms instead of 60 when run over the whole
+chunk. Each of the three computes a row alone, so a row's numbers do not
+depend on the slice it is in (``row_slices`` keeps the one exception out)."""
 SLICE_ELEMENTS = 1 << 18
 """The last-position metrics work on at most this many logits at a time (their temporaries).
 
@@ -78,14 +87,15 @@ class Workspace:
 
 
 def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, k: int,
-                   buffers: Tensor) -> Iterator[DecodedChunk]:
+                   buffers: Tensor, scratch: Tensor) -> Iterator[DecodedChunk]:
     """Decode (n_layers, rows, d_model) residuals ``per_chunk`` layers per matmul.
 
-    The logits, log-probabilities and the entropy's terms of every chunk go
-    into ``buffers`` (3, ≥ one chunk's logits, the analysis dtype): a fresh
-    tensor of that size per chunk (tens of MB) costs the kernel's page faults
-    every time, 10-15 ms each on CPU, which on a many-fact probe added seconds.
-    A chunk's tensors are therefore valid until the next chunk is decoded.
+    The logits and log-probabilities of every chunk go into ``buffers`` (2, ≥
+    one chunk's logits, the analysis dtype), the entropy's terms of a slice of
+    rows into ``scratch`` (≥ ``2 · slice_rows(vocab) − 1`` rows, or the chunk's): a fresh tensor of
+    a chunk's size (tens of MB) costs the kernel's page faults every time,
+    10-15 ms each on CPU, which on a many-fact probe added seconds. A chunk's
+    tensors are therefore valid until the next chunk is decoded.
     """
     n_layers, rows = resids.shape[:2]
     vocab = lens.unembed.d_vocab
@@ -96,11 +106,36 @@ def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, k: int,
         # the unembedding's dtype is the analysis dtype (lens.unembed): no cast, no copy
         logits = lens.decode(resids[layers[0]:layers[-1] + 1], layers,
                              out=buffers[0, :size].view(shape))
-        logp = torch.log_softmax(logits, dim=-1, out=buffers[1, :size].view(shape))
-        entropy = metrics.entropy_bits(logp, scratch=buffers[2])
-        top_logp, top_ids = torch.topk(logp, k, dim=-1)
-        yield layers, logits, logp, entropy, top_logp.exp(), top_ids
+        logp = buffers[1, :size].view(shape)
+        z, lp = logits.view(-1, vocab), logp.view(-1, vocab)
+        entropy = torch.empty(shape[:2], dtype=logp.dtype, device=logp.device)
+        top_logp = torch.empty((*shape[:2], k), dtype=logp.dtype, device=logp.device)
+        top_ids = torch.empty((*shape[:2], k), dtype=torch.long, device=logp.device)
+        flat_h, flat_v, flat_i = entropy.view(-1), top_logp.view(-1, k), top_ids.view(-1, k)
+        for a, b in row_slices(len(layers) * rows, slice_rows(vocab)):
+            torch.log_softmax(z[a:b], dim=-1, out=lp[a:b])
+            flat_h[a:b] = metrics.entropy_bits(lp[a:b], scratch=scratch)
+            torch.topk(lp[a:b], k, dim=-1, out=(flat_v[a:b], flat_i[a:b]))
+        yield layers, logits, logp, entropy, top_logp.exp_(), top_ids
         del logits, logp, entropy, top_logp, top_ids
+
+
+def slice_rows(vocab: int) -> int:
+    """Rows per slice of a chunk's row-wise work: ``ROW_SLICE_ELEMENTS`` logits, at least 2."""
+    return max(2, ROW_SLICE_ELEMENTS // max(1, vocab))
+
+
+def row_slices(n_rows: int, per: int) -> list[tuple[int, int]]:
+    """``[a, b)`` slices covering ``n_rows``: ``per`` to ``2·per − 1`` rows each (all of
+    them in one when fewer).
+
+    Never a single row out of several: torch sums one row (a reduction to one
+    number) in two halves, one per thread, but each row of several whole, so a
+    row's entropy alone differs in the last bit from the same row among others.
+    """
+    n = max(1, n_rows // max(2, per))
+    edges = [n_rows * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def as_lists(t: Tensor) -> list:  # type: ignore[type-arg]
@@ -172,10 +207,10 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     Each item is a pass context and its residual rows ``(n_layers + 1, rows_i,
     d_model)``; every item's steps come in layer order. Items are grouped so
     that one layer of a group fits the budget, then each group is decoded in
-    chunks of layers. A chunk holds at most the logits of a third of the layers
-    of one pass of ``widest`` positions (default: the widest item; and at most
-    ``CHUNK_ELEMENTS``): its working set (logits, log-probs, one temporary for
-    the entropy) stays within one pass's full logits; the three live in one
+    chunks of layers. A chunk holds at most the logits of half the layers of
+    one pass of ``widest`` positions (default: the widest item; and at most
+    ``CHUNK_ELEMENTS``): its working set (logits and log-probs, plus a slice's
+    entropy terms) stays within one pass's full logits; they live in one
     buffer reused for every chunk, ``workspace``'s (a run's calls share it) or
     made for this call. A step's tensors are views of it: valid until the
     consumer asks for a step of the next chunk (emitters turn them into plain
@@ -189,18 +224,20 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     config = items[0][0].config
     k = min(max(config.topk_verbose, config.topk_brief), vocab)
     widest = widest or max(r.shape[1] for _, r in items)
-    budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 3) * widest))  # rows × layers
+    budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 2) * widest))  # rows × layers
     groups = _groups([rows.shape[1] for _, rows in items], budget)
     widths = [sum(items[i][1].shape[1] for i in group) for group in groups]
     chunk_layers = [min(n_layers, max(1, budget // w)) for w in widths]
     size = max(n * w for n, w in zip(chunk_layers, widths, strict=True)) * vocab
-    with (workspace or Workspace()).borrow(3 * size, dtype, items[0][1].device) as flat:
-        yield from _decode_groups(items, lens, groups, chunk_layers, flat.view(3, size), k)
+    scratch = min(2 * slice_rows(vocab) - 1, size // vocab) * vocab  # row_slices' widest
+    with (workspace or Workspace()).borrow(2 * size + scratch, dtype, items[0][1].device) as flat:
+        yield from _decode_groups(items, lens, groups, chunk_layers, flat[:2 * size].view(2, size),
+                                  flat[2 * size:], k)
 
 
 def _decode_groups(items: Sequence[tuple[PassContext, Tensor]], lens: Lens,
                    groups: Sequence[Sequence[int]], chunk_layers: Sequence[int],
-                   buffers: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
+                   buffers: Tensor, scratch: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
     """``decode_many``'s loop: each group of items in chunks of layers, into ``buffers``."""
     windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
     for group, per_chunk in zip(groups, chunk_layers, strict=True):
@@ -208,7 +245,8 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]], lens: Lens,
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
         ctxs = [items[i][0] for i in group]
-        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers):
+        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers,
+                                    scratch=scratch):
             layers, logits, logp, entropy, top_p, top_ids = chunk
             last = last_rows(ctxs, logits, logp, [b - 1 for _, b in spans])
             lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]

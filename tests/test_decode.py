@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from lens.config import RunConfig
-from lens.decode import Workspace, decode_many, finite_rows, last_rows
+from lens import decode, metrics
+from lens.decode import Workspace, decode_many, finite_rows, last_rows, row_slices
 from lens.model import capture_batch
 from lens.passes import passes_for, run_passes
 from lens.probe import load_probe
@@ -130,3 +131,58 @@ def test_a_workspace_is_reused_across_calls_and_gives_the_same_steps(tiny_models
     outer.close()
     workspace.release()  # a run's passes are done: freed
     assert workspace._buffer is None
+
+
+@pytest.mark.parametrize("per", [1, 2, 3, 5])
+def test_row_slices_cover_the_rows_and_never_leave_one_row_alone(per):
+    least = max(2, per)
+    for n in range(1, 40):
+        slices = row_slices(n, per)
+        sizes = [b - a for a, b in slices]
+        assert slices[0][0] == 0 and slices[-1][1] == n and sum(sizes) == n
+        assert all(b == a for (_, b), (a, _) in zip(slices, slices[1:]))
+        assert n == 1 or 1 not in sizes
+        assert len(sizes) == 1 or all(least <= s < 2 * least for s in sizes)
+
+
+def test_row_slices_give_each_row_the_entropy_it_has_among_all_rows():
+    """torch sums a single row in two halves (one per thread), rows of several whole:
+    a row reduced alone may differ in the last bit, so no slice is a single row."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (2, 3, 5, 7):
+            logp = torch.log_softmax(torch.randn(n, 49_152) * 6, dim=-1)
+            whole = metrics.entropy_bits(logp)
+            sliced = torch.cat([metrics.entropy_bits(logp[a:b]) for a, b in row_slices(n, 2)])
+            assert torch.equal(sliced, whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_chunk_sliced_for_its_row_wise_work_gives_the_steps_of_one_slice(tiny_models,
+                                                                          monkeypatch):
+    """Log-softmax, entropy and top-k run a slice of rows at a time (``ROW_SLICE_ELEMENTS``):
+    the steps are bit for bit those of the whole chunk at once."""
+    model = tiny_models["tiny-llama"]
+    analysis = build_analysis(model, RunConfig(dtype="float32", lenses=()))
+    passes = passes_for(load_probe(TINY_PROBE).facts[0])
+    caps = capture_batch(model, [p.token_ids(analysis) for p in passes])
+    items = [(p.context(analysis, cap, p.token_ids(analysis)), cap.resids)
+             for p, cap in zip(passes, caps, strict=True)]
+    slices = []
+    real = decode.row_slices
+    monkeypatch.setattr(decode, "row_slices", lambda n, per: slices.append(real(n, per))
+                        or slices[-1])
+
+    def steps(elements: int) -> list[tuple]:
+        monkeypatch.setattr(decode, "ROW_SLICE_ELEMENTS", elements)
+        slices.clear()
+        return [(i, s.layer, s.logits.tolist(), s.logp.tolist(), s.entropy.tolist(),
+                 s.top_p.tolist(), s.top_ids.tolist(), s.values, s.last)
+                for i, s in decode_many(items, analysis.lens)]
+
+    whole = steps(1 << 40)
+    assert all(len(s) == 1 for s in slices)
+    assert steps(1) == whole
+    assert max(len(s) for s in slices) > 2  # two or three rows at a time
