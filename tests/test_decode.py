@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens.config import RunConfig
 from lens import decode, metrics
+from lens.config import RunConfig
 from lens.decode import Workspace, decode_many, finite_rows, last_rows, row_slices
 from lens.model import capture_batch
 from lens.passes import passes_for, run_passes
@@ -140,7 +140,7 @@ def test_row_slices_cover_the_rows_and_never_leave_one_row_alone(per):
         slices = row_slices(n, per)
         sizes = [b - a for a, b in slices]
         assert slices[0][0] == 0 and slices[-1][1] == n and sum(sizes) == n
-        assert all(b == a for (_, b), (a, _) in zip(slices, slices[1:]))
+        assert all(b == a for (_, b), (a, _) in zip(slices[:-1], slices[1:], strict=True))
         assert n == 1 or 1 not in sizes
         assert len(sizes) == 1 or all(least <= s < 2 * least for s in sizes)
 
