@@ -166,7 +166,10 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
         lasts: Row of each pass's last position in the chunk.
 
     A row whose log-probs are not all finite gets ``finite=False`` (its other
-    numbers mean nothing), as ``lens.emitters.scalars`` would say of it.
+    numbers mean nothing), as ``lens.emitters.scalars`` would say of it. The
+    KL and cosine sums of a row never run on that row alone (``row_slices``),
+    so its numbers do not depend on how layers were chunked, nor on the
+    thread count.
     """
     n_layers, n_rows, vocab = logp.shape
     device = logp.device
@@ -178,9 +181,12 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
                        device=device)
     columns: list[list[list[float]]] = []  # per metric: [layer][pass]
     per = max(1, SLICE_ELEMENTS // max(1, len(ctxs) * vocab))
-    for s in range(0, n_layers, per):
-        lp = logp[s:s + per] if every else logp[s:s + per, idx]
-        z = logits[s:s + per] if every else logits[s:s + per, idx]
+    # slices of layers; with one pass, never a single layer (a single row) out of several
+    spans = (row_slices(n_layers, per) if len(ctxs) == 1
+             else [(s, min(n_layers, s + per)) for s in range(0, n_layers, per)])
+    for s, e in spans:
+        lp = logp[s:e] if every else logp[s:e, idx]
+        z = logits[s:e] if every else logits[s:e, idx]
         top1 = lp.argmax(dim=-1, keepdim=True)
         picked = lp.gather(-1, torch.cat([top1, ids.expand(*lp.shape[:2], 2)], dim=-1))
         rank = 1 + (lp > picked[..., 1:2]).sum(dim=-1)

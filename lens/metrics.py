@@ -68,11 +68,40 @@ def _sum_where_p_positive(terms: Tensor, logp: Tensor) -> Tensor:
     alone are summed again with the mask (an infinite KL stays infinite).
     Other rows need no masked copy of a layers × positions × vocab tensor.
     """
-    total = terms.sum(dim=-1)
+    total = row_sum(terms)
     bad = ~total.isfinite()
     if bool(bad.any()):
         total[bad] = torch.where(logp[bad].exp() > 0, terms[bad], 0.0).sum(dim=-1)
     return total
+
+
+def _alone(t: Tensor) -> bool:
+    """Whether a reduction of ``t`` over its last dimension gives one number.
+
+    torch sums one long row in parts, one per thread, but each row of several
+    whole: a row alone would round differently from the same row among others,
+    and with the thread count.
+    """
+    return t.dim() > 0 and t.numel() == t.shape[-1] > 1
+
+
+def _paired(t: Tensor) -> Tensor:
+    """A single row ``t`` as the first of two rows (the second zeros): (2, len)."""
+    out = t.new_zeros((2, t.shape[-1]))
+    out[0] = t.reshape(-1)
+    return out
+
+
+def row_sum(t: Tensor) -> Tensor:
+    """``t.sum(dim=-1)``, a single row summed as rows of several are (``_alone``).
+
+    Every row's sum is then the same whether it is summed alone or among
+    others, on one thread or several: the bits of a number do not depend on
+    how many rows lens happened to reduce at once.
+    """
+    if _alone(t):
+        return _paired(t).sum(dim=-1)[0].reshape(t.shape[:-1])
+    return t.sum(dim=-1)
 
 
 def answer_rank(logp: Tensor, answer_id: int) -> Tensor:
@@ -82,7 +111,11 @@ def answer_rank(logp: Tensor, answer_id: int) -> Tensor:
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension."""
+    """Cosine similarity along the last dimension (a single row as in ``row_sum``)."""
+    if _alone(a) and _alone(b):
+        shape = torch.broadcast_shapes(a.shape, b.shape)[:-1]
+        return torch.nn.functional.cosine_similarity(
+            _paired(a), _paired(b), dim=-1, eps=1e-12)[0].reshape(shape)
     return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 

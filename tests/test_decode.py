@@ -186,3 +186,32 @@ def test_a_chunk_sliced_for_its_row_wise_work_gives_the_steps_of_one_slice(tiny_
     assert all(len(s) == 1 for s in slices)
     assert steps(1) == whole
     assert max(len(s) for s in slices) > 2  # two or three rows at a time
+
+
+def test_last_row_numbers_do_not_depend_on_how_layers_are_chunked():
+    """One pass's last rows (one row per layer) give each layer the same KL and cosine
+    bits whether its chunk holds 1, 3, 5 or 8 layers, on one thread or two: torch
+    splits the sum of a lone row between threads, so no row is reduced alone."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 1, 49_152, generator=gen) * 4
+    logp = torch.log_softmax(logits, dim=-1)
+    head = torch.randn(49_152, generator=gen) * 4
+    ctx = SimpleNamespace(head_logits=head, head_logp=torch.log_softmax(head, dim=-1),
+                          gold=SimpleNamespace(first_id=7), contrast_first_id=None)
+
+    def numbers(chunk: int) -> list[tuple[float, float, float]]:
+        rows = [r for s in range(0, 8, chunk)
+                for r in last_rows([ctx], logits[s:s + chunk], logp[s:s + chunk], [0])]
+        return [(r[0].kl_bits, r[0].cosine, r[0].p_answer) for r in rows]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = numbers(8)
+        assert all(numbers(chunk) == want for chunk in (1, 3, 5))
+        torch.set_num_threads(1)
+        assert numbers(8) == want
+    finally:
+        torch.set_num_threads(threads)

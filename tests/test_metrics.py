@@ -464,3 +464,26 @@ def test_entropy_and_kl_with_impossible_tokens_stay_finite_under_the_floor():
     logq = torch.tensor([[math.log(0.25)] * 4])
     assert kl_bits(logp, logq).item() == pytest.approx(1.0)
     assert kl_bits(logq, logp).item() == math.inf  # q has mass where p has none
+
+
+def test_a_row_alone_sums_as_it_does_among_other_rows():
+    """``row_sum`` and ``cosine`` of a single long row give the bits of the same row in a
+    batch, and of one thread: torch's own sum of a lone row is split between threads."""
+    from lens.metrics import cosine, row_sum
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 49_152, generator=gen) * 3
+    other = torch.randn(4, 49_152, generator=gen) * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sums, cosines = row_sum(rows), cosine(rows, other)
+        for i in range(4):
+            assert row_sum(rows[i]) == sums[i] and row_sum(rows[i:i + 1])[0] == sums[i]
+            assert cosine(rows[i], other[i]) == cosines[i]
+            assert cosine(rows[i:i + 1], other[i:i + 1]).shape == (1,)
+        assert row_sum(rows[0]).shape == () and row_sum(rows[:1, :1]).shape == (1,)
+        torch.set_num_threads(1)
+        assert torch.equal(row_sum(rows), sums) and torch.equal(cosine(rows, other), cosines)
+    finally:
+        torch.set_num_threads(threads)
