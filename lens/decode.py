@@ -206,8 +206,9 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
 
 
 def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
-                widest: int | None = None,
-                workspace: Workspace | None = None) -> Iterator[tuple[int, LayerStep]]:
+                widest: int | None = None, workspace: Workspace | None = None,
+                aliases: Sequence[tuple[PassContext, int]] = ()
+                ) -> Iterator[tuple[int, LayerStep]]:
     """Decode several passes' rows with shared matmuls; yield ``(item index, step)``.
 
     Each item is a pass context and its residual rows ``(n_layers + 1, rows_i,
@@ -221,6 +222,14 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     made for this call. A step's tensors are views of it: valid until the
     consumer asks for a step of the next chunk (emitters turn them into plain
     values at once).
+
+    ``aliases`` are passes that read only the last row of an item's residuals
+    (``(context, item index)``: a prompt that recurs, a fact's control that is
+    another fact's prompt): they get that row's steps, numbered ``len(items) +
+    k``, with their own answer's numbers and copy window, and no matmul of
+    their own. A row's numbers do not depend on the rows decoded beside it
+    (``row_slices``; the matmul gives a row the same bits among 12 rows or
+    more), so an alias's steps are those it would get decoded alone.
     """
     if not items:
         return
@@ -237,36 +246,44 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     size = max(n * w for n, w in zip(chunk_layers, widths, strict=True)) * vocab
     scratch = min(2 * slice_rows(vocab) - 1, size // vocab) * vocab  # row_slices' widest
     with (workspace or Workspace()).borrow(2 * size + scratch, dtype, items[0][1].device) as flat:
-        yield from _decode_groups(items, lens, groups, chunk_layers, flat[:2 * size].view(2, size),
-                                  flat[2 * size:], k)
+        yield from _decode_groups(items, aliases, lens, groups, chunk_layers,
+                                  flat[:2 * size].view(2, size), flat[2 * size:], k)
 
 
-def _decode_groups(items: Sequence[tuple[PassContext, Tensor]], lens: Lens,
+def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
+                   aliases: Sequence[tuple[PassContext, int]], lens: Lens,
                    groups: Sequence[Sequence[int]], chunk_layers: Sequence[int],
                    buffers: Tensor, scratch: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
-    """``decode_many``'s loop: each group of items in chunks of layers, into ``buffers``."""
-    windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in items]
+    """``decode_many``'s loop: each group of items (and their aliases) in chunks of layers,
+    into ``buffers``."""
+    windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in (*items, *aliases)]
     for group, per_chunk in zip(groups, chunk_layers, strict=True):
         resids = torch.cat([items[i][1] for i in group], dim=1)
         ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
-        ctxs = [items[i][0] for i in group]
+        # (yield index, context, the item whose last row it reads, that item's place in group)
+        readers = [(i, items[i][0], i, g) for g, i in enumerate(group)]
+        readers += [(len(items) + a, ctx, i, g) for g, i in enumerate(group)
+                    for a, (ctx, source) in enumerate(aliases) if source == i]
+        ctxs = [ctx for _, ctx, _, _ in readers]
         for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers,
                                     scratch=scratch):
             layers, logits, logp, entropy, top_p, top_ids = chunk
-            last = last_rows(ctxs, logits, logp, [b - 1 for _, b in spans])
+            last = last_rows(ctxs, logits, logp, [spans[g][1] - 1 for *_, g in readers])
             lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]
             for li, layer in enumerate(layers):
                 ok, ent, ids, ps = (x[li] for x in lists)
-                for gi, (i, (a, b)) in enumerate(zip(group, spans, strict=True)):
-                    yield i, LayerStep(
-                        ctx=ctxs[gi], lens=lens.name, layer=layer, resid=items[i][1][layer],
+                for r, (index, ctx, i, g) in enumerate(readers):
+                    a, b = spans[g] if index == i else (spans[g][1] - 1, spans[g][1])
+                    yield index, LayerStep(
+                        ctx=ctx, lens=lens.name, layer=layer,
+                        resid=items[i][1][layer, a - spans[g][0]:b - spans[g][0]],
                         logits=logits[li, a:b], logp=logp[li, a:b], entropy=entropy[li, a:b],
                         top_p=top_p[li, a:b], top_ids=top_ids[li, a:b],
-                        window=windows[i].push(ids[b - 1][0]),
+                        window=windows[index].push(ids[b - 1][0]),
                         values=RowValues(finite=ok[a:b], entropy=ent[a:b], top_ids=ids[a:b],
                                          top_p=ps[a:b]),
-                        last=last[li][gi])
+                        last=last[li][r])
             del chunk, logits, logp, entropy, top_p, top_ids
 
 

@@ -239,13 +239,59 @@ def first_non_finite_layer(cap: Capture) -> int | None:
     return None if bool(torch.isfinite(cap.head_logits).all()) else int(cap.resids.shape[0])
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeCall:
+    """One ``decode_many`` call of ``run_passes``: a lens and the routes it decodes."""
+
+    lens: Lens
+    members: list[tuple[int, int, Rows]]
+    """``(pass, route, rows)`` whose rows the call decodes."""
+    aliases: list[tuple[int, int, int]]
+    """``(pass, route, member)``: last-position routes that read a member's last row."""
+
+
+def decode_calls(prepared: Sequence[tuple[PassContext, Capture, Sequence[Route]]]
+                 ) -> list[DecodeCall]:
+    """The decode calls of a chunk of passes: per lens, in order of first use, one call
+    for its routes that decode every position, then one for its last-position routes.
+
+    A last-position route whose forward (the same ``Capture``: ``lens.forwards``
+    runs a recurring prompt once) is already decoded by a route of its lens
+    reads that route's last row instead of decoding it again: ``capitals``
+    uses every fact's prompt as another fact's control.
+    """
+    by_lens: dict[int, tuple[Lens, list[tuple[int, int]], list[tuple[int, int]]]] = {}
+    for i, (_, _, routes) in enumerate(prepared):
+        for j, r in enumerate(routes):
+            entry = by_lens.setdefault(id(r.lens), (r.lens, [], []))
+            entry[1 if r.rows == "all" else 2].append((i, j))
+    calls = []
+    for lens, every, last in by_lens.values():
+        full = DecodeCall(lens, [(i, j, "all") for i, j in every], [])
+        tail = DecodeCall(lens, [], [])
+        owners: dict[int, tuple[DecodeCall, int]] = {}
+        for m, (i, _) in enumerate(every):
+            owners.setdefault(id(prepared[i][1]), (full, m))
+        for i, j in last:
+            key = id(prepared[i][1])
+            if key in owners:
+                call, m = owners[key]
+                call.aliases.append((i, j, m))
+            else:
+                owners[key] = (tail, len(tail.members))
+                tail.members.append((i, j, "last"))
+        calls += [c for c in (full, tail) if c.members]
+    return calls
+
+
 def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
                timer: StageTimer | None = None) -> list[PassResult]:
     """Run already-forwarded passes together; each result equals that pass run alone.
 
-    The routes of every pass are grouped by (lens, rows) and each group is
-    decoded by ``decode_many``, so one matmul serves the rows of many passes
-    (and one more the raw-lens check rows of all of them, ``prefetch_raw_checks``);
+    The routes of every pass are grouped by lens and rows (``decode_calls``)
+    and each group is decoded by ``decode_many``, so one matmul serves the rows
+    of many passes (and one more the raw-lens check rows of all of them,
+    ``prefetch_raw_checks``), and a row that two passes share is decoded once;
     every (pass, route) still gets its steps in layer order with its own copy
     window, and a pass's records are joined in routing-table order. ``timer``
     gets ``breakdown/decode`` and ``breakdown/emit`` seconds.
@@ -261,18 +307,15 @@ def run_passes(analysis: Analysis, chunk: Sequence[tuple[Pass, Capture]], *,
                          for r in routes for e in r.emitters if isinstance(e, RawLensCheck)])
     widest = max(cap.resids.shape[1] for _, cap, _ in prepared)  # one pass's positions
     sinks: list[list[list[Record]]] = [[[] for _ in routes] for _, _, routes in prepared]
-    groups: dict[tuple[int, str], list[tuple[int, int]]] = {}
-    lenses: dict[int, Lens] = {}
-    for i, (_, _, routes) in enumerate(prepared):
-        for j, r in enumerate(routes):
-            groups.setdefault((id(r.lens), r.rows), []).append((i, j))
-            lenses[id(r.lens)] = r.lens
-    for (lens_id, rows), members in groups.items():
+    for call in decode_calls(prepared):
         items = [(prepared[i][0], prepared[i][1].resids if rows == "all"
-                  else prepared[i][1].resids[:, -1:]) for i, _ in members]
-        steps = decode_many(items, lenses[lens_id], widest=widest, workspace=analysis.workspace)
+                  else prepared[i][1].resids[:, -1:]) for i, _, rows in call.members]
+        aliases = [(prepared[i][0], source) for i, _, source in call.aliases]
+        readers = [(i, j) for i, j, _ in (*call.members, *call.aliases)]
+        steps = decode_many(items, call.lens, widest=widest, workspace=analysis.workspace,
+                            aliases=aliases)
         for m, step in maybe_iterate(timer, "breakdown/decode", steps):
-            i, j = members[m]
+            i, j = readers[m]
             r = prepared[i][2][j]
             with maybe_stage(timer, "breakdown/emit"):
                 for emitter in r.emitters:

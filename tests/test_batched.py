@@ -89,3 +89,53 @@ def test_a_shared_chunk_holds_at_most_half_of_one_pass(tiny_models, monkeypatch)
         assert all(n * width * model.d_vocab <= bound for n, width in decoded)
         widest_item = max(r.shape[1] for _, r in items)
         assert max(width for _, width in decoded) > widest_item  # several passes in one matmul
+
+
+SHARED_PROBE = """\
+name: shared
+facts:
+  - id: germany
+    prompt: "The capital of Germany is called simply"
+    answer: Berlin
+    no_filler: "The capital of Germany is called"
+    control: {prompt: "The capital of France is called simply", answer: Paris}
+  - id: france
+    prompt: "The capital of France is called simply"
+    answer: Paris
+    control: {prompt: "The capital of Germany is called simply", answer: Berlin}
+"""
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_a_control_that_is_another_facts_prompt_reads_its_rows(tiny_models, name, tmp_path):
+    """Each fact's control is the other's prompt: one forward each (``Forwards``), and the
+    control's last rows are read from the other fact's decode, not decoded again; its
+    records are those of the control pass run alone (float64, to 1e-12)."""
+    from lens.forwards import Forwards
+    from lens.passes import decode_calls
+
+    model = tiny_models[name]
+    analysis = build_analysis(model, RunConfig(dtype="float64", lenses=("logit",)))
+    (tmp_path / "shared.yaml").write_text(SHARED_PROBE)
+    passes = [p for fact in load_probe(tmp_path / "shared.yaml").facts for p in passes_for(fact)]
+    ids = [p.token_ids(analysis) for p in passes]
+    caps = Forwards(model, ids, padded=True).take(ids)
+    germany_ctl, france_orig = caps[2], caps[3]
+    assert germany_ctl is france_orig and caps[4] is caps[0]
+    prepared = [(p.context(analysis, cap, i), cap, p.routes(analysis))
+                for p, cap, i in zip(passes, caps, ids, strict=True)]
+    calls = decode_calls(prepared)
+    decoded = [(i, j) for c in calls for i, j, _ in c.members]
+    aliased = [(i, j) for c in calls for i, j, _ in c.aliases]
+    assert len(decoded) + len(aliased) == sum(len(r) for *_, r in prepared)
+    # passes: germany orig, no_filler, control (= france's prompt); france orig, control
+    # (= germany's prompt). Every lens of both controls reads another route's rows, but
+    # the raw lens decodes germany's control (the first of the two) and france's orig reads it
+    assert sorted(aliased) == sorted([(2, 0), (2, 1), (3, 2), (4, 0), (4, 1), (4, 2)])
+    together = run_passes(analysis, list(zip(passes, caps, strict=True)))
+    for p, cap, result in zip(passes, caps, together, strict=True):
+        alone = p.run(analysis, cap)
+        assert len(result.records) == len(alone.records)
+        for got, want in zip(result.records, alone.records, strict=True):
+            got_v, want_v = record_values(got), record_values(want)
+            assert all(_close(got_v[k], want_v[k]) for k in want_v), (p.prompt_id, p.variant)
