@@ -6,9 +6,12 @@ that holds one core. ``PlotPool`` starts its workers (``python -m
 lens.plotpool``) when a run starts, so their import runs beside the model
 load, which leaves cores idle. A many-fact probe hands each fact's heatmap to
 the pool as soon as the fact's passes are done (``submit``), so the workers
-draw on what the decode leaves idle; at write time the rest of the figures
-(``lens.plots.PlotJob``) are spread over the workers and drawn in parallel,
-and the run's own process never imports matplotlib. The bytes are those of
+draw on what the decode leaves idle (on 2 busy cores that is little: most
+heatmaps wait for the write). At write time the rest of the figures
+(``lens.plots.PlotJob``) join one queue, the trajectories (the longest) ahead
+of the heatmaps still waiting, while the run serialises its CSVs; each worker
+takes the next figure when it is free, and the run's own process never
+imports matplotlib. The bytes are those of
 drawing in process: the same code and style. A worker that cannot start or
 that fails leaves its figures to be drawn in process, so a pool changes how
 fast the PNGs come, never what they are.
@@ -25,6 +28,7 @@ fallback reports any real error the normal way.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pickle
 import queue
@@ -81,16 +85,16 @@ class PlotPool:
                 os.setpriority(os.PRIO_PROCESS, self._procs[-1].pid, NICENESS)
         self._done = threading.Condition()
         self._drawn: dict[str, bytes] = {}
-        self._owed: dict[str, int] = {}
-        """File → the worker (index) drawing it, until its bytes or the worker's end."""
-        self._load = [0] * len(self._procs)
-        self._queues: list[queue.SimpleQueue[list[PlotJob] | None]] = []
+        self._owed: set[str] = set()
+        """Files submitted and not yet back (bytes, or a worker's end)."""
+        self._alive = len(self._procs)
+        self._order = itertools.count()
+        self._queue: queue.PriorityQueue[tuple[int, int, PlotJob | None]] = queue.PriorityQueue()
+        """(priority, submission order, job): every worker takes the next job when it is free."""
         self._threads: list[threading.Thread] = []
         for i, proc in enumerate(self._procs):
-            self._queues.append(queue.SimpleQueue())
             self._threads.append(threading.Thread(
-                target=self._feed, args=(i, proc, self._queues[i]), daemon=True,
-                name=f"lens-plot-{i}"))
+                target=self._feed, args=(proc,), daemon=True, name=f"lens-plot-{i}"))
             self._threads[-1].start()
 
     def __enter__(self) -> PlotPool:
@@ -103,44 +107,44 @@ class PlotPool:
     def size(self) -> int:
         return len(self._procs)
 
-    def _feed(self, index: int, proc: subprocess.Popen[bytes],
-              jobs_in: queue.SimpleQueue[list[PlotJob] | None]) -> None:
-        """Worker ``index``'s thread: each job list to the worker, its answer into ``_drawn``.
+    def _feed(self, proc: subprocess.Popen[bytes]) -> None:
+        """One worker's thread: the next job to the worker, its answer into ``_drawn``.
 
-        A worker that fails owes nothing more: its figures are drawn in process.
+        A worker that fails takes no more jobs; when the last one has failed,
+        what is still queued is owed by nobody: ``draw`` draws it in process.
         """
-        alive = True
-        while (jobs := jobs_in.get()) is not None:
-            answer: dict[str, bytes] = {}
-            if alive:
-                try:
-                    _send(proc.stdin, jobs)  # type: ignore[arg-type]
-                    answer = _receive(proc.stdout)  # type: ignore[arg-type]
-                except Exception:  # noqa: BLE001 - a dead worker, a closed pipe, a bad pickle
-                    alive = False
+        while (job := self._queue.get()[2]) is not None:
+            try:
+                _send(proc.stdin, [job])  # type: ignore[arg-type]
+                answer = _receive(proc.stdout)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - a dead worker, a closed pipe, a bad pickle
+                answer = None
             with self._done:
-                for job in jobs:
-                    if job.file in answer:
-                        self._drawn[job.file] = answer[job.file]
-                    self._owed.pop(job.file, None)
-                    self._load[index] -= 1
+                if answer is not None and job.file in answer:
+                    self._drawn[job.file] = answer[job.file]
+                self._owed.discard(job.file)
+                if answer is None:
+                    self._alive -= 1
+                    if not self._alive:
+                        self._owed.clear()  # the queue's jobs: drawn in process
                 self._done.notify_all()
+            if answer is None:
+                return
 
-    def submit(self, jobs: Sequence[PlotJob]) -> None:
-        """Start drawing ``jobs`` now, each on the least busy worker; ``draw`` collects them.
+    def submit(self, jobs: Sequence[PlotJob], *, first: bool = False) -> None:
+        """Start drawing ``jobs`` now; ``draw`` collects them. Each worker takes the next
+        job when it is free, in submission order, ``first`` jobs before the others.
 
         Without workers this does nothing: ``draw`` draws them in process.
         """
-        if not self._procs:
-            return
         with self._done:
+            if not self._alive:
+                return
             for job in jobs:
                 if job.file in self._owed or job.file in self._drawn:
                     continue
-                index = min(range(len(self._procs)), key=self._load.__getitem__)
-                self._owed[job.file] = index
-                self._load[index] += 1
-                self._queues[index].put([job])
+                self._owed.add(job.file)
+                self._queue.put((0 if first else 1, next(self._order), job))
 
     def draw(self, jobs: Sequence[PlotJob]) -> dict[str, bytes]:
         """Every job's PNG, keyed by its file name, in the order of ``jobs``.
@@ -156,8 +160,8 @@ class PlotPool:
 
     def close(self) -> None:
         """End every worker: close its input (it exits), kill it if it does not."""
-        for jobs_in in self._queues:
-            jobs_in.put(None)
+        for _ in self._threads:
+            self._queue.put((-1, next(self._order), None))  # before any job still queued
         for proc in self._procs:
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # type: ignore[union-attr]
@@ -171,7 +175,7 @@ class PlotPool:
                 proc.stdout.close()  # type: ignore[union-attr]
         for thread in self._threads:
             thread.join(timeout=2)
-        self._procs, self._queues, self._threads = [], [], []
+        self._procs, self._threads = [], []
 
 
 def workers_for(n_jobs: int) -> int:

@@ -27,6 +27,7 @@ from lens import outputs
 from lens.commit import OutputExists, commit_files, exists_message, recover
 from lens.config import Probe, RunConfig
 from lens.errors import LensError, first_line
+from lens.plots import plot_jobs
 from lens.progress import Progress
 from lens.results import ModelResult, interrupted, summary_fields, write_error_record
 from lens.rundir import RunDir
@@ -165,6 +166,8 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
                       fact_done=early, timer=timer)
         warn_non_finite(name, run.report)
         timer.start("write")
+        if pool is not None:  # the figures not started yet, the trajectories (the longest)
+            pool.submit(plot_jobs(run), first=True)  # first, while the CSVs serialise
         files = outputs.run_files(run, config, evaluation=evaluation_stub(name, run.report),
                                   plots=plots, draw=pool.draw if pool is not None else None)
         timer.stop("write")

@@ -100,9 +100,9 @@ def test_figures_submitted_early_come_back_from_draw_without_drawing_again(jobs)
     with PlotPool(2) as pool:
         pool.submit(jobs[:2])
         pool.submit(jobs[:1])  # again: still one drawing
-        assert sum(pool._load) == 2
+        assert len(pool._owed) + len(pool._drawn) == 2
         got = pool.draw(jobs)
-        assert sum(pool._load) == 0 and not pool._owed and not pool._drawn
+        assert not pool._owed and not pool._drawn
     assert list(got) == [job.file for job in jobs]
     assert got == want
 
@@ -126,3 +126,36 @@ def test_a_run_submits_each_heatmap_as_its_fact_finishes(tiny_models):
     assert all(n == len(fr.passes) for (_, n), fr in zip(seen, run.facts, strict=True))
     heatmaps = [j for j in plot_jobs(run) if j.kind == "heatmap"]
     assert heatmaps == [early[f.id] for f in probe.facts]
+
+
+def test_figures_submitted_first_are_drawn_before_those_queued(jobs, monkeypatch):
+    """One worker, busy: a ``first`` job submitted after others is taken before those
+    still queued (the trajectories at write time, ahead of queued heatmaps)."""
+    import lens.plotpool
+
+    sent = []
+    send = lens.plotpool._send
+
+    def spy(stream, batch):  # type: ignore[no-untyped-def]
+        sent.extend(job.file for job in batch)
+        send(stream, batch)
+
+    monkeypatch.setattr(lens.plotpool, "_send", spy)
+    files = [job.file for job in jobs]
+    with PlotPool(1) as pool:
+        pool.submit(jobs[:2])
+        pool.submit(jobs[2:], first=True)
+        got = pool.draw(jobs)
+    assert got == draw_in_process(jobs)
+    # the worker took the first job at once, or only after the second submit
+    assert sent in ([files[0], *files[2:], files[1]], [*files[2:], *files[:2]])
+
+
+def test_figures_of_workers_that_all_died_are_drawn_in_process(jobs):
+    want = draw_in_process(jobs)
+    with PlotPool(2) as pool:
+        for proc in pool._procs:
+            proc.kill()
+            proc.wait()
+        assert pool.draw(jobs) == want
+        assert not pool._owed
