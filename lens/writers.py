@@ -62,7 +62,7 @@ def format_float(x: float) -> str | None:
     if x == 0.0:
         return "0"
     text = format(x, _FLOAT_FORMAT)
-    if math.isinf(float(text)):
+    if not -_MAX_ROUNDED <= x <= _MAX_ROUNDED and math.isinf(float(text)):  # rounded up to inf
         return format(math.copysign(_MAX_ROUNDED, x), _FLOAT_FORMAT)
     return text
 
@@ -98,9 +98,29 @@ def _csv_cell(value: object, alone: bool) -> str:
     return _quote(_cell_text(value), alone)
 
 
+_TEXT_CELLS: dict[str, str] = {}
+"""A string's cell text, in a row of several cells: token texts repeat across rows."""
+_TEXT_CELLS_MAX = 1 << 16
+
+
+def _text_cell(text: str) -> str:
+    cell = _TEXT_CELLS.get(text)
+    if cell is None:
+        cell = _quote(text, False)
+        if len(_TEXT_CELLS) < _TEXT_CELLS_MAX:
+            _TEXT_CELLS[text] = cell
+    return cell
+
+
 def _csv_line(cells: Sequence[object]) -> str:
-    alone = len(cells) == 1
-    return ",".join([_csv_cell(c, alone) for c in cells]) + "\n"
+    if len(cells) == 1:
+        return _csv_cell(cells[0], True) + "\n"
+    return ",".join([
+        "" if c is None
+        else _text_cell(c) if type(c) is str  # type: ignore[arg-type]
+        else format_float(c) if type(c) is float and math.isfinite(c)  # type: ignore[misc]
+        else _csv_cell(c, False)
+        for c in cells]) + "\n"
 
 
 def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
@@ -151,8 +171,9 @@ FACT_COLUMN = "fact_id"
 
 def _prefix(r: TokenRecord) -> list[Any]:
     cells: list[Any] = [r.prompt_id, r.variant, r.layer, r.pos, r.token, r.entropy]
-    for i in range(TOPK_SLOTS):
-        cells.extend(r.topk[i] if i < len(r.topk) else (None, None))
+    for pair in r.topk[:TOPK_SLOTS]:
+        cells.extend(pair)
+    cells.extend((None, None) * (TOPK_SLOTS - min(TOPK_SLOTS, len(r.topk))))
     cells.append(r.rest_mass)
     return cells
 
