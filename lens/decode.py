@@ -92,10 +92,11 @@ def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, k: int,
 
     The logits and log-probabilities of every chunk go into ``buffers`` (2, ≥
     one chunk's logits, the analysis dtype), the entropy's terms of a slice of
-    rows into ``scratch`` (≥ ``2 · slice_rows(vocab) − 1`` rows, or the chunk's): a fresh tensor of
-    a chunk's size (tens of MB) costs the kernel's page faults every time,
-    10-15 ms each on CPU, which on a many-fact probe added seconds. A chunk's
-    tensors are therefore valid until the next chunk is decoded.
+    rows into ``scratch`` (``2 · slice_rows(vocab) − 1`` rows, or the chunk's
+    if fewer): a fresh tensor of a chunk's size (tens of MB) costs the
+    kernel's page faults every time, 10-15 ms each on CPU, which on a
+    many-fact probe added seconds. A chunk's tensors are therefore valid until
+    the next chunk is decoded.
     """
     n_layers, rows = resids.shape[:2]
     vocab = lens.unembed.d_vocab
@@ -129,8 +130,8 @@ def row_slices(n_rows: int, per: int) -> list[tuple[int, int]]:
     """``[a, b)`` slices covering ``n_rows``: ``per`` to ``2·per − 1`` rows each (all of
     them in one when fewer).
 
-    Never a single row out of several: torch sums one row (a reduction to one
-    number) in two halves, one per thread, but each row of several whole, so a
+    Never a single row out of several: torch sums one long row (a reduction to
+    one number) in parts, one per thread, but each row of several whole, so a
     row's entropy alone differs in the last bit from the same row among others.
     """
     n = max(1, n_rows // max(2, per))
@@ -228,8 +229,9 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     another fact's prompt): they get that row's steps, numbered ``len(items) +
     k``, with their own answer's numbers and copy window, and no matmul of
     their own. A row's numbers do not depend on the rows decoded beside it
-    (``row_slices``; the matmul gives a row the same bits among 12 rows or
-    more), so an alias's steps are those it would get decoded alone.
+    (``row_slices``; MKL's float32 matmul gave a row the same bits in every
+    matmul of 12 rows or more), so an alias's steps are those it would get
+    from a decode of its own.
     """
     if not items:
         return
