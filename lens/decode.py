@@ -42,9 +42,9 @@ decodes too, so their temporaries add to it: at 2^20 logits (4 MB each, five
 alive at once) the default run's peak rose from 1.5× to 1.8× one pass's
 logits; at 2^18 it is 1.5× again, for a few ms more of Python per run."""
 
-DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]
-"""(layers, logits, log-probs, entropy, top-k p, top-k ids); the last five are
-(len(layers), rows, …)."""
+DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(layers, logits, log-probs, entropy, top-k p, top-k ids, finite logits); the last six
+are (len(layers), rows, …)."""
 
 
 class Workspace:
@@ -112,13 +112,15 @@ def decoded_chunks(lens: Lens, resids: Tensor, *, per_chunk: int, k: int,
         entropy = torch.empty(shape[:2], dtype=logp.dtype, device=logp.device)
         top_logp = torch.empty((*shape[:2], k), dtype=logp.dtype, device=logp.device)
         top_ids = torch.empty((*shape[:2], k), dtype=torch.long, device=logp.device)
+        finite = torch.empty(shape[:2], dtype=torch.bool, device=logp.device)
         flat_h, flat_v, flat_i = entropy.view(-1), top_logp.view(-1, k), top_ids.view(-1, k)
         for a, b in row_slices(len(layers) * rows, slice_rows(vocab)):
             torch.log_softmax(z[a:b], dim=-1, out=lp[a:b])
+            finite.view(-1)[a:b] = finite_rows(z[a:b])  # while the slice is in cache
             flat_h[a:b] = metrics.entropy_bits(lp[a:b], scratch=scratch)
             torch.topk(lp[a:b], k, dim=-1, out=(flat_v[a:b], flat_i[a:b]))
-        yield layers, logits, logp, entropy, top_logp.exp_(), top_ids
-        del logits, logp, entropy, top_logp, top_ids
+        yield layers, logits, logp, entropy, top_logp.exp_(), top_ids, finite
+        del logits, logp, entropy, top_logp, top_ids, finite
 
 
 def slice_rows(vocab: int) -> int:
@@ -158,13 +160,17 @@ def finite_rows(logits: Tensor) -> Tensor:
 
 
 def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
-              lasts: Sequence[int]) -> list[list[LastRow]]:
+              lasts: Sequence[int], top_ids: Tensor | None = None) -> list[list[LastRow]]:
     """The last-position numbers of every layer × pass of a chunk: ``[layer][pass]``.
 
     Args:
         ctxs: The passes, one per entry of ``lasts``.
         logits, logp: (layers, rows, vocab) the chunk.
         lasts: Row of each pass's last position in the chunk.
+        top_ids: (layers, rows, k ≥ 2) the chunk's top-k ids, when decoded: a row's
+            top-1 is its first unless the first two tie (``argmax`` takes the
+            lowest id of a tie, top-k need not) or the row is not finite;
+            otherwise, and without them, ``argmax`` finds it (a pass over the row).
 
     A row whose log-probs are not all finite gets ``finite=False`` (its other
     numbers mean nothing), as ``lens.emitters.scalars`` would say of it. The
@@ -188,10 +194,19 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
     for s, e in spans:
         lp = logp[s:e] if every else logp[s:e, idx]
         z = logits[s:e] if every else logits[s:e, idx]
-        top1 = lp.argmax(dim=-1, keepdim=True)
+        ok = finite_rows(lp)
+        if top_ids is not None and top_ids.shape[-1] >= 2:
+            top1 = (top_ids[s:e] if every else top_ids[s:e, idx])[..., :2]
+            two = lp.gather(-1, top1)
+            top1 = top1[..., :1].clone()
+            unsure = (two[..., 0] == two[..., 1]) | ~ok
+            if bool(unsure.any()):
+                top1[unsure] = lp[unsure].argmax(dim=-1, keepdim=True)
+        else:
+            top1 = lp.argmax(dim=-1, keepdim=True)
         picked = lp.gather(-1, torch.cat([top1, ids.expand(*lp.shape[:2], 2)], dim=-1))
         rank = 1 + (lp > picked[..., 1:2]).sum(dim=-1)
-        flat = [finite_rows(lp), top1[..., 0], *picked.exp().unbind(-1), rank,
+        flat = [ok, top1[..., 0], *picked.exp().unbind(-1), rank,
                 metrics.kl_bits(lp, head_logp), metrics.cosine(z, head_z)]
         if not columns:
             columns = [[] for _ in flat]
@@ -270,9 +285,10 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
         ctxs = [ctx for _, ctx, _, _ in readers]
         for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers,
                                     scratch=scratch):
-            layers, logits, logp, entropy, top_p, top_ids = chunk
-            last = last_rows(ctxs, logits, logp, [spans[g][1] - 1 for *_, g in readers])
-            lists = [as_lists(t) for t in (finite_rows(logits), entropy, top_ids, top_p)]
+            layers, logits, logp, entropy, top_p, top_ids, finite = chunk
+            last = last_rows(ctxs, logits, logp, [spans[g][1] - 1 for *_, g in readers],
+                             top_ids)
+            lists = [as_lists(t) for t in (finite, entropy, top_ids, top_p)]
             for li, layer in enumerate(layers):
                 ok, ent, ids, ps = (x[li] for x in lists)
                 for r, (index, ctx, i, g) in enumerate(readers):
@@ -286,7 +302,7 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
                         values=RowValues(finite=ok[a:b], entropy=ent[a:b], top_ids=ids[a:b],
                                          top_p=ps[a:b]),
                         last=last[li][r])
-            del chunk, logits, logp, entropy, top_p, top_ids
+            del chunk, logits, logp, entropy, top_p, top_ids, finite
 
 
 def _groups(widths: Sequence[int], budget: int) -> list[list[int]]:

@@ -215,3 +215,25 @@ def test_last_row_numbers_do_not_depend_on_how_layers_are_chunked():
         assert numbers(8) == want
     finally:
         torch.set_num_threads(threads)
+
+
+def test_last_rows_take_the_top_1_from_the_top_k_as_argmax_would():
+    """With the chunk's top-k ids the top-1 is read from them, except where the first two
+    tie (argmax takes the lowest id) or the row is not finite: the numbers of argmax."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3, 500, generator=gen, dtype=torch.float64) * 3
+    logits[0, 2, [40, 7, 300]] = 50.0  # a three-way tie at the top: argmax says 7
+    logits[1, 2, 11] = math.nan
+    logits[2, 2, :] = 1.0  # all tied
+    logp = torch.log_softmax(logits, dim=-1)
+    top_ids = torch.topk(logp, 5, dim=-1).indices
+    head = torch.randn(500, generator=gen, dtype=torch.float64)
+    ctxs = [SimpleNamespace(head_logits=head, head_logp=torch.log_softmax(head, dim=-1),
+                            gold=SimpleNamespace(first_id=3), contrast_first_id=4)] * 2
+    for lasts in ([2, 0], [1, 2]):
+        want = last_rows(ctxs, logits, logp, lasts)
+        got = last_rows(ctxs, logits, logp, lasts, top_ids)
+        assert repr(got) == repr(want)  # NaN in the row that is not finite
+    assert want[0][1].top1_id == 7 and want[2][1].top1_id == 0
