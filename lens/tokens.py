@@ -17,7 +17,8 @@ class TokenTable:
         self._text: dict[int, str] = {}
 
     def _fill(self, ids: Iterable[int]) -> None:
-        missing = sorted({int(i) for i in ids} - self._text.keys())
+        # not ``set - self._text.keys()``: that walks every key of the table, each call
+        missing = sorted({i for i in map(int, ids) if i not in self._text})
         if missing:
             texts = self._tokenizer.batch_decode(  # type: ignore[attr-defined]
                 [[i] for i in missing], skip_special_tokens=False,
@@ -26,8 +27,10 @@ class TokenTable:
             self._text.update(zip(missing, texts, strict=True))
 
     def text(self, token_id: int) -> str:
-        self._fill((token_id,))
-        return self._text[int(token_id)]
+        token_id = int(token_id)
+        if token_id not in self._text:
+            self._fill((token_id,))
+        return self._text[token_id]
 
     def texts(self, ids: Iterable[int]) -> list[str]:
         ids = list(ids)

@@ -175,3 +175,22 @@ def test_align_follows_the_strict_prefix_rule(ctx, ws, ns):
         assert list(gold.answer_ids) == expected
         assert gold.first_id == expected[0]
         assert gold.pieces == tuple(f"<{i}>" for i in expected[:4])
+
+
+def test_token_table_decodes_each_id_once_whatever_its_int_type():
+    import numpy as np
+    import torch
+
+    class Tok:
+        calls: list[list[list[int]]] = []
+
+        def batch_decode(self, batch, **_):  # type: ignore[no-untyped-def]
+            self.calls.append(batch)
+            return [f"<{ids[0]}>" for ids in batch]
+
+    tok = Tok()
+    table = TokenTable(tok)
+    assert table.texts([3, 1, 3]) == ["<3>", "<1>", "<3>"]
+    assert table.text(np.int64(1)) == table.text(torch.tensor(1)) == table.text(1) == "<1>"
+    assert table.text(7) == "<7>" and table.texts([7, 3]) == ["<7>", "<3>"]
+    assert tok.calls == [[[1], [3]], [[7]]]
