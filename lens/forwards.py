@@ -25,8 +25,10 @@ class Forwards:
         model: The loaded model.
         plan: Every prompt's ids in the order ``take`` will ask for them.
         padded: Forward a call's new prompts as one right-padded batch
-            (``capture_batch``: many-fact probes); else one forward each
-            (``capture``: the reference computation of a one-fact probe).
+            (``capture_batch``: many-fact probes), the model's head at each
+            prompt's last position only (the one a pass reads,
+            ``lens.headpositions``); else one forward each (``capture``: the
+            reference computation of a one-fact probe).
     """
 
     def __init__(self, model: LoadedModel, plan: Sequence[Sequence[int]], *,
@@ -43,7 +45,7 @@ class Forwards:
         """The captures of the plan's next ``len(batch)`` prompts, ``batch``."""
         keys = [tuple(ids) for ids in batch]
         new = [k for k in dict.fromkeys(keys) if k not in self._kept]
-        caps = (capture_batch(self.model, new) if self.padded
+        caps = (capture_batch(self.model, new, last_head=True) if self.padded
                 else [capture(self.model, list(k)) for k in new])
         self._kept.update(zip(new, caps, strict=True))
         self.forwarded += len(new)

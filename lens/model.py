@@ -11,7 +11,6 @@ post-norm (OPT-350m style) and sublayer-norm (OLMo-2) blocks.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 import socket
@@ -37,6 +36,7 @@ from lens.devices import (
 )
 from lens.errors import LensError
 from lens.gcpause import paused_gc
+from lens.headpositions import head_rows, keeps_logits
 from lens.norms import NormSpec, describe_norm
 from lens.outputs import output_name
 from lens.precision import model_precision
@@ -255,22 +255,27 @@ class Capture:
     """One forward pass: the model's head and the residual stream at every layer."""
 
     head_logits: Tensor
-    """(seq, d_vocab) the model's own output logits."""
+    """(seq, d_vocab) the model's own output logits; (1, d_vocab), the last position's,
+    from ``capture_batch(last_head=True)``."""
     resids: Tensor
     """(n_layers + 1, seq, d_model): layer 0 = block 0's input (embedding, + additive positions),
     i = what block i-1 hands on (``lens.wiring``)."""
 
 
-def _forward(model: LoadedModel, tokens: Tensor,
-             mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _forward(model: LoadedModel, tokens: Tensor, mask: Tensor | None = None,
+             keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(logits (batch, seq, vocab), residuals (n_layers + 1, batch, seq, d_model)) of one forward.
 
     A row's position ids count only its real tokens (``cumsum(mask) - 1``), so
-    a left-padded row gets the positions it would have alone.
+    a left-padded row gets the positions it would have alone. ``keep``: the
+    model's head runs on these positions only (``logits_to_keep``; the
+    logits are then (batch, len(keep), vocab)).
     """
     extra: dict[str, Tensor] = {}
     if mask is not None:
         extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+    if keep is not None:
+        extra["logits_to_keep"] = keep
     with torch.no_grad(), model_precision(model.dtype), model.wiring.tap_residuals() as taps:
         logits = model.hf_model(input_ids=tokens, **extra).logits
     dev = model.device  # a model split over devices (--device-map) is analysed on its first
@@ -288,7 +293,7 @@ PADDING_SIDES = ("left", "right")
 
 
 def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
-                  padding_side: str = "right") -> list[Capture]:
+                  padding_side: str = "right", last_head: bool = False) -> list[Capture]:
     """Run several prompts in one padded forward; each capture is trimmed to its own tokens.
 
     Padding is masked with a 2-D attention mask. With left padding a row's real
@@ -303,6 +308,9 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
         model: The loaded model.
         batch: Token ids of each prompt (as ``tokenize`` gives them).
         padding_side: ``"right"`` (default) or ``"left"``.
+        last_head: Run the model's head only where it is read, at each prompt's
+            last position (``head_rows``); each capture's head logits are then
+            (1, d_vocab).
 
     Returns:
         One ``Capture`` per prompt: head logits (len_i, d_vocab) and residuals
@@ -311,11 +319,13 @@ def capture_batch(model: LoadedModel, batch: Sequence[Sequence[int]], *,
     if not batch:
         return []
     tokens, mask, spans = _padded(model, batch, padding_side)
-    logits, resids = _forward(model, tokens.to(model.device), mask.to(model.device))
-    return [
-        Capture(head_logits=logits[row, span].clone(), resids=resids[:, row, span].clone())
-        for row, span in enumerate(spans)
-    ]
+    keep = head_rows(spans, tokens.shape[1]) if last_head and keeps_logits(model.hf_model) else None
+    logits, resids = _forward(model, tokens.to(model.device), mask.to(model.device),
+                              None if keep is None else torch.tensor(keep, device=model.device))
+    heads = [logits[row, span] if keep is None else logits[row, keep.index(span.stop - 1)][None]
+             for row, span in enumerate(spans)]
+    return [Capture(head_logits=head.clone(), resids=resids[:, row, span].clone())
+            for row, (span, head) in enumerate(zip(spans, heads, strict=True))]
 
 
 def _padded(model: LoadedModel, batch: Sequence[Sequence[int]],
@@ -360,19 +370,11 @@ def head_logits(model: LoadedModel, batch: Sequence[Sequence[int]]) -> Tensor:
             return model.hf_model(input_ids=tokens.to(model.device),
                                   attention_mask=mask.to(model.device), **extra).logits
 
-    logits = forward(logits_to_keep=last) if _keeps_logits(model.hf_model) else None
+    logits = forward(logits_to_keep=last) if keeps_logits(model.hf_model) else None
     if logits is None or tuple(logits.shape[:2]) != (len(batch), 1) or logits.ndim != 3:
         logits = forward()  # every position, then each row's last (a forward that slices otherwise)
         logits = torch.take_along_dim(logits, last[..., None].to(logits.device), dim=1)
     return logits[:, 0].detach().to(model.device)
-
-
-def _keeps_logits(hf_model: Any) -> bool:
-    forward = getattr(hf_model, "forward", None)
-    try:
-        return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def tokenize(model: LoadedModel, prompt: str) -> list[int]:

@@ -232,7 +232,8 @@ def passes_for(fact: Fact) -> list[Pass]:
 
 
 def first_non_finite_layer(cap: Capture) -> int | None:
-    """The first layer with a NaN/Inf in the residual stream; n+1 if only the head has one."""
+    """The first layer with a NaN/Inf in the residual stream; n+1 if only the head has one
+    (at the positions the capture holds: every one, or the last in a many-fact probe)."""
     bad = ~torch.isfinite(cap.resids).flatten(1).all(dim=1)
     if bool(bad.any()):
         return int(bad.nonzero()[0, 0])

@@ -100,7 +100,7 @@ def test_head_logits_of_a_padded_batch_equal_each_prompt_alone(request, monkeypa
 
     model = _models(request, dtype)[name]
     if not keeps_logits:
-        monkeypatch.setattr(lens.model, "_keeps_logits", lambda bridge: False)
+        monkeypatch.setattr(lens.model, "keeps_logits", lambda bridge: False)
     batch = [tokenize(model, p) for p in PROMPTS]
     rows = head_logits(model, batch)
     assert rows.shape == (len(PROMPTS), model.d_vocab)
@@ -170,3 +170,29 @@ def test_one_fact_probe_runs_unbatched(tiny_models, monkeypatch):
 
     monkeypatch.setattr(lens.forwards, "capture_batch", fail)
     analyse(tiny_models["tiny-gpt2"], default_probe(), RunConfig(dtype="float64", batch_size=8))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_a_batch_with_the_head_at_the_last_positions_only(request, name, dtype):
+    """``last_head``: the model's head runs on each prompt's last position (and enough
+    others for 12 rows); the residuals are those of the head over every position, bit
+    for bit, and so is that position's head up to the matmul's rounding (MKL's float32
+    matmul of SmolLM2's head gives the same bits from 12 rows on: benchmarks/README.md)."""
+    from lens.headpositions import HEAD_ROWS, head_rows, keeps_logits
+
+    model = _models(request, dtype)[name]
+    assert keeps_logits(model.hf_model)
+    for batch in ([tokenize(model, p) for p in PROMPTS], [tokenize(model, PROMPTS[0])]):
+        full = capture_batch(model, batch)
+        last = capture_batch(model, batch, last_head=True)
+        for a, b in zip(full, last, strict=True):
+            assert b.head_logits.shape == (1, model.d_vocab)
+            tol = 1e-12 if dtype == "float64" else 1e-5
+            torch.testing.assert_close(b.head_logits[0], a.head_logits[-1], rtol=tol, atol=tol)
+            assert torch.equal(b.resids, a.resids)
+    spans = [slice(0, n) for n in (5, 9, 9)]
+    rows = head_rows(spans, 9)
+    assert {4, 8} <= set(rows) and rows == sorted(set(rows))
+    assert len(rows) * len(spans) >= HEAD_ROWS and rows[-2:] == [7, 8]
+    assert head_rows([slice(0, 3)], 3) == [0, 1, 2]  # fewer than 12 rows: every position
