@@ -7,6 +7,7 @@ each cell's top-1 token written in black or white by the colour's lightness.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,7 +60,8 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
             entropy[layer, pos - first] = r.entropy
     vmax = max(1.0, float(np.nanmax(entropy))) if np.isfinite(entropy).any() else 1.0
     with drawing():
-        fig, ax, image = _heatmap_frame(n_layers, len(cols), entropy, vmax)
+        frame = _heatmap_frame(n_layers, len(cols), entropy, vmax)
+        ax, image = frame.ax, frame.image
         labelled = [(key, r) for key, r in sorted(grid.items()) if key[1] >= first and r.topk]
         rgba = image.get_cmap()(image.norm(np.array([r.entropy for _, r in labelled])))
         light = 0.299 * rgba[:, 0] + 0.587 * rgba[:, 1] + 0.114 * rgba[:, 2] > 0.5
@@ -75,16 +77,97 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
         shown = f", last {len(cols)} of {n_pos}" if first else ""
         ax.set_xlabel(f"input position (token){shown}")
         ax.set_title(title, parse_math=False, y=1.0)  # fixed y: no auto-placement pass
-        return png(fig)
+        return frame.png()
 
 
 HEATMAP_FRAMES = 4
 """Heatmap shapes whose figure a process keeps for the next heatmap of that shape."""
-_frames: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
 
 
-def _heatmap_frame(n_layers: int, n_cols: int, entropy: Any, vmax: float) -> tuple[Any, Any, Any]:
-    """(figure, axes, image) of a heatmap of this shape, showing ``entropy`` up to ``vmax``.
+class _Frame:
+    """A kept heatmap figure: what depends only on the shape is made once (``_heatmap_frame``).
+
+    Its layer labels (the y tick labels 0..n and "layer") are the same pixels in
+    every heatmap of the shape and drawing them was a quarter of a heatmap: after
+    the first PNG the frame keeps those pixels, hides the labels and pastes the
+    pixels back after each draw (``_Pixels``), whenever nothing else the next
+    heatmap draws (title, position labels) reaches them; else it draws them.
+    """
+
+    def __init__(self, fig: Any, ax: Any, image: Any) -> None:
+        self.fig, self.ax, self.image = fig, ax, image
+        self.labels: Any = None
+        """The layer labels' pixels (``_Pixels``), once a PNG has drawn them."""
+
+    def png(self) -> bytes:
+        ax, labels = self.ax, self.labels
+        pasted = labels is not None and not labels.overlaps(self._others())
+        if labels is not None:
+            labels.set_visible(pasted)
+            ax.yaxis.set_tick_params(labelleft=not pasted)
+            ax.yaxis.label.set_visible(not pasted)
+        data = png(self.fig)
+        if labels is None:
+            self.labels = _Pixels.keep(self.fig, ax)
+        return data
+
+    def _others(self) -> list[Any]:
+        """Window extents of what a heatmap draws outside its axes besides the layer labels."""
+        renderer = self.fig.canvas.get_renderer()
+        texts = [self.ax.title, *self.ax.get_xticklabels()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # missing glyphs for exotic token text
+            return [t.get_window_extent(renderer) for t in texts
+                    if t.get_visible() and t.get_text()]
+
+
+class _Pixels:
+    """A figure's pixels in a box, pasted back (``restore_region``) at the end of each draw."""
+
+    def __init__(self, box: Any, pixels: Any) -> None:
+        from matplotlib.artist import Artist
+
+        self.box = box
+
+        class Paste(Artist):
+            def draw(self, renderer: Any) -> None:
+                if self.get_visible():
+                    renderer.restore_region(pixels)
+
+        self.artist = Paste()
+        self.artist.set_zorder(1e9)  # after everything the figure draws
+        self.artist.set_visible(False)
+
+    @classmethod
+    def keep(cls, fig: Any, ax: Any) -> _Pixels | None:
+        """The layer labels of ``ax`` as just drawn, or None if they reach the axes."""
+        from matplotlib.transforms import Bbox
+
+        renderer = fig.canvas.get_renderer()
+        texts = [t for t in (*ax.get_yticklabels(), ax.yaxis.label)
+                 if t.get_visible() and t.get_text()]
+        box = Bbox.union([t.get_window_extent(renderer) for t in texts]).expanded(1, 1)
+        box = Bbox.from_extents(np.floor(box.x0) - 1, np.floor(box.y0) - 1,
+                                np.ceil(box.x1) + 1, np.ceil(box.y1) + 1)
+        ticks = ax.yaxis.get_major_ticks()[0].get_tick_padding()  # tick and pad, points
+        if box.x1 >= ax.bbox.x0 - ticks * fig.dpi / 72:
+            return None  # never paste over a tick mark or the axes
+        kept = cls(box, fig.canvas.copy_from_bbox(box))
+        fig.add_artist(kept.artist)
+        return kept
+
+    def set_visible(self, on: bool) -> None:
+        self.artist.set_visible(on)
+
+    def overlaps(self, extents: list[Any]) -> bool:
+        return any(self.box.overlaps(e) for e in extents)
+
+
+_frames: dict[tuple[int, int], _Frame] = {}
+
+
+def _heatmap_frame(n_layers: int, n_cols: int, entropy: Any, vmax: float) -> _Frame:
+    """The kept frame of a heatmap of this shape, showing ``entropy`` up to ``vmax``.
 
     What depends only on the shape (axes, layer ticks, colour bar) is made once
     and kept: a probe's heatmaps mostly share a shape, and making the tick
@@ -95,12 +178,12 @@ def _heatmap_frame(n_layers: int, n_cols: int, entropy: Any, vmax: float) -> tup
     """
     key = (n_layers, n_cols)
     if key in _frames:
-        fig, ax, image = _frames[key]
-        for collection in list(ax.collections):
+        frame = _frames[key]
+        for collection in list(frame.ax.collections):
             collection.remove()  # the previous heatmap's cell labels
-        image.set_data(entropy)
-        image.set_clim(0.0, vmax)
-        return fig, ax, image
+        frame.image.set_data(entropy)
+        frame.image.set_clim(0.0, vmax)
+        return frame
     width, height = heatmap_size(n_cols, n_layers)
     m = HEAT_MARGINS
     fig = figure(width, height)
@@ -115,5 +198,5 @@ def _heatmap_frame(n_layers: int, n_cols: int, entropy: Any, vmax: float) -> tup
     fig.colorbar(image, cax=cax, label="entropy (bits)")
     while len(_frames) >= HEATMAP_FRAMES:
         del _frames[next(iter(_frames))]
-    _frames[key] = (fig, ax, image)
-    return fig, ax, image
+    _frames[key] = frame = _Frame(fig, ax, image)
+    return frame

@@ -109,10 +109,18 @@ def test_heatmap_frame_reuse_draws_the_pixels_of_a_fresh_figure(monkeypatch):
         monkeypatch.setattr(heatmap, "_frames", {})
         fresh[name] = fn()
     monkeypatch.setattr(heatmap, "_frames", {})
+    pasted = []
     for name in ("a", "b", "a", "c", "b", "c"):
         assert draw[name]() == fresh[name], name
-    assert len(heatmap._frames) == 1  # one shape, one frame
+        (frame,) = heatmap._frames.values()  # one shape, one frame
+        pasted.append(frame.labels.artist.get_visible())
+    assert pasted == [False] + [True] * 5  # the layer labels' kept pixels, after the first
     assert len({*fresh.values()}) == 3
+    # something else drawn where the layer labels are: they are drawn, not pasted
+    monkeypatch.setattr(heatmap._Frame, "_others", lambda self: [self.labels.box])
+    for name in ("b", "a"):
+        assert draw[name]() == fresh[name], name
+        assert not frame.labels.artist.get_visible()
 
 
 def test_display_token():
