@@ -146,10 +146,10 @@ class _Pixels:
         renderer = fig.canvas.get_renderer()
         texts = [t for t in (*ax.get_yticklabels(), ax.yaxis.label)
                  if t.get_visible() and t.get_text()]
-        box = Bbox.union([t.get_window_extent(renderer) for t in texts]).expanded(1, 1)
-        box = Bbox.from_extents(np.floor(box.x0) - 1, np.floor(box.y0) - 1,
+        box = Bbox.union([t.get_window_extent(renderer) for t in texts])
+        box = Bbox.from_extents(np.floor(box.x0) - 1, np.floor(box.y0) - 1,  # and a pixel
                                 np.ceil(box.x1) + 1, np.ceil(box.y1) + 1)
-        ticks = ax.yaxis.get_major_ticks()[0].get_tick_padding()  # tick and pad, points
+        ticks = ax.yaxis.get_major_ticks()[0].get_tick_padding()  # outside the axes, points
         if box.x1 >= ax.bbox.x0 - ticks * fig.dpi / 72:
             return None  # never paste over a tick mark or the axes
         kept = cls(box, fig.canvas.copy_from_bbox(box))
