@@ -161,7 +161,8 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
     as facts complete; ``fact_done`` each fact and its passes' results as soon
-    as they are all done, in probe order (the run starts drawing its heatmap);
+    as they are all done, in probe order (where a core is idle, the run starts
+    drawing its heatmap, ``lens.plotpool.draw_beside_decode``);
     ``timer`` gets ``passes/all``, ``breakdown/*`` and ``head_probes`` seconds.
     """
     analysis = build_analysis(model, config, progress=progress)

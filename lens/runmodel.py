@@ -125,11 +125,13 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     Ctrl-C and SIGTERM become an ``interrupted`` result, as every other failure of the
     model does; ``files`` is then empty.
     """
+    import torch
+
     from lens.devices import free_memory
     from lens.gcpause import freeze_loaded, paused_gc, thaw
     from lens.lenses.registry import precheck_lenses
     from lens.model import load_model
-    from lens.plotpool import PlotPool, workers_for
+    from lens.plotpool import PlotPool, draw_beside_decode, workers_for
     from lens.plots import heatmap_job
     from lens.report import analyse
 
@@ -158,12 +160,16 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
             froze = freeze_loaded()  # the run's collections skip the model
         timer.stop("load")
         at("analyse")
-        early = (None if pool is None else  # each fact's heatmap drawn while the rest decodes
-                 lambda fact, passes: pool.submit([heatmap_job(model, fact.id, passes,
-                                                               multi=probe.is_multi)]))
+        beside = pool is not None and draw_beside_decode(model.device.type,
+                                                         torch.get_num_threads())
+
+        def draw_early(fact: Any, passes: Any) -> None:  # while the other facts decode
+            if pool is not None:
+                pool.submit([heatmap_job(model, fact.id, passes, multi=probe.is_multi)])
+
         run = analyse(model, probe, config, progress=progress.layer,
                       fact_progress=progress.fact if probe.is_multi else None,
-                      fact_done=early, timer=timer)
+                      fact_done=draw_early if beside else None, timer=timer)
         warn_non_finite(name, run.report)
         timer.start("write")
         if pool is not None:  # the figures not started yet, the trajectories (the longest)

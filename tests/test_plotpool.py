@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from lens.config import RunConfig
-from lens.plotpool import PlotPool, workers_for
+from lens import plotpool
+from lens.plotpool import PlotPool, draw_beside_decode, workers_for
 from lens.plots import draw_in_process, plot_jobs
 from lens.probe import load_probe
 from lens.report import analyse
@@ -58,6 +60,19 @@ def test_workers_for_counts_jobs_and_cores():
     assert workers_for(0) == 0
     assert workers_for(1) == 1
     assert 1 <= workers_for(100) <= 4
+
+
+def test_heatmaps_are_drawn_beside_the_decode_only_where_it_leaves_a_core_idle(monkeypatch):
+    monkeypatch.setattr(plotpool, "cores", lambda: 2)
+    assert not draw_beside_decode("cpu", 2)  # every core decodes: drawn at write time
+    assert not draw_beside_decode("cpu", 4)
+    assert draw_beside_decode("cpu", 1)
+    assert draw_beside_decode("cuda", 2)  # the decode runs on the GPU
+    assert draw_beside_decode("mps", 8)
+
+
+def test_cores_is_what_this_process_may_run_on():
+    assert 1 <= plotpool.cores() <= (os.cpu_count() or 1)
 
 
 def _plot_workers_of(tmp: Path) -> list[int]:
