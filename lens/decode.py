@@ -34,13 +34,14 @@ after it wants rows that stay in cache: slices of 2 MB (float32) did a chunk's
 log-softmax, entropy and top-k in 49 ms instead of 60 when run over the whole
 chunk. Each of the three computes a row alone, so a row's numbers do not
 depend on the slice it is in (``row_slices`` keeps the one exception out)."""
-SLICE_ELEMENTS = 1 << 18
+SLICE_ELEMENTS = 1 << 19
 """The last-position metrics work on at most this many logits at a time (their temporaries).
 
 A run's ``Workspace`` holds its largest chunk's buffers through the smaller
-decodes too, so their temporaries add to it: at 2^20 logits (4 MB each, five
-alive at once) the default run's peak rose from 1.5× to 1.8× one pass's
-logits; at 2^18 it is 1.5× again, for a few ms more of Python per run."""
+decodes too, and ``last_rows``' four temporaries (``LAST_TEMPS``) live in its
+scratch: at 2^20 logits each the default run's peak rose from 1.5× to 1.8×
+one pass's logits; at 2^18 it is 1.5× again, for a few ms more of Python per
+run."""
 
 DecodedChunk = tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 """(layers, logits, log-probs, entropy, top-k p, top-k ids, finite logits); the last six
@@ -170,7 +171,8 @@ def finite_rows(logits: Tensor) -> Tensor:
 
 
 def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
-              lasts: Sequence[int], top_ids: Tensor | None = None) -> list[list[LastRow]]:
+              lasts: Sequence[int], top_ids: Tensor | None = None, *,
+              scratch: Tensor | None = None) -> list[list[LastRow]]:
     """The last-position numbers of every layer × pass of a chunk: ``[layer][pass]``.
 
     Args:
@@ -181,54 +183,104 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
             top-1 is its first unless the first two tie (``argmax`` takes the
             lowest id of a tie, top-k need not) or the row is not finite;
             otherwise, and without them, ``argmax`` finds it (a pass over the row).
+        scratch: Room for the temporaries (the analysis dtype, at least
+            ``LAST_TEMPS`` rows), else they are made here. Rows are worked on
+            in blocks of ``scratch.numel() // LAST_TEMPS`` logits, at most
+            ``SLICE_ELEMENTS``: a fresh tensor for each block's temporaries
+            cost the kernel's page faults, a third of this function's time on a
+            many-fact probe.
 
     A row whose log-probs are not all finite gets ``finite=False`` (its other
-    numbers mean nothing), as ``lens.emitters.scalars`` would say of it. The
-    KL and cosine sums of a row never run on that row alone (``row_slices``),
-    so its numbers do not depend on how layers were chunked, nor on the
-    thread count.
+    numbers mean nothing), as ``lens.emitters.scalars`` would say of it. Every
+    number of a row is computed from that row alone, a lone row's sums as
+    rows of several are (``metrics.row_sum``): so it does not depend on the
+    blocks, the chunking or the thread count. The head's side of the cosine
+    is computed once per call (``metrics.unit_rows``), not once per layer.
     """
     n_layers, n_rows, vocab = logp.shape
-    device = logp.device
-    idx = torch.tensor(list(lasts), device=device)
+    device, n_passes = logp.device, len(ctxs)
     every = list(lasts) == list(range(n_rows))  # a chunk of last rows only: no gathered copy
+    rows_of = (torch.arange(n_layers, device=device).unsqueeze(1) * n_rows
+               + torch.tensor(list(lasts), device=device))  # (layer, pass) → row of the chunk
     head_logp = torch.stack([c.head_logp for c in ctxs]).to(device=device, dtype=logp.dtype)
-    head_z = torch.stack([c.head_logits for c in ctxs]).to(device=device, dtype=logits.dtype)
+    head_units = metrics.unit_rows(
+        torch.stack([c.head_logits for c in ctxs]).to(device=device, dtype=logits.dtype))
     ids = torch.tensor([[c.gold.first_id or 0, c.contrast_first_id or 0] for c in ctxs],
                        device=device)
-    columns: list[list[list[float]]] = []  # per metric: [layer][pass]
-    per = max(1, SLICE_ELEMENTS // max(1, len(ctxs) * vocab))
-    # slices of layers; with one pass, never a single layer (a single row) out of several
-    spans = (row_slices(n_layers, per) if len(ctxs) == 1
-             else [(s, min(n_layers, s + per)) for s in range(0, n_layers, per)])
-    for s, e in spans:
-        lp = logp[s:e] if every else logp[s:e, idx]
-        z = logits[s:e] if every else logits[s:e, idx]
-        ok = finite_rows(lp)
-        if top_ids is not None and top_ids.shape[-1] >= 2:
-            top1 = (top_ids[s:e] if every else top_ids[s:e, idx])[..., :2]
-            two = lp.gather(-1, top1)
-            top1 = top1[..., :1].clone()
-            unsure = (two[..., 0] == two[..., 1]) | ~ok
-            if bool(unsure.any()):
-                top1[unsure] = lp[unsure].argmax(dim=-1, keepdim=True)
+    block = min(SLICE_ELEMENTS, n_layers * n_passes * vocab) // vocab  # rows per block
+    if scratch is not None and scratch.dtype == logp.dtype and scratch.device == device:
+        block = min(block, scratch.numel() // (LAST_TEMPS * vocab))
+    if block < 1 or scratch is None:
+        block = max(1, block)
+        scratch = torch.empty(LAST_TEMPS * block * vocab, dtype=logp.dtype, device=device)
+    shape = (n_layers, n_passes)
+    ok = torch.empty(shape, dtype=torch.bool, device=device)
+    top1 = torch.empty(shape, dtype=torch.long, device=device)
+    rank = torch.empty(shape, dtype=torch.long, device=device)
+    probs3, kl, cos = (torch.empty((*shape, n), dtype=logp.dtype, device=device)
+                       for n in (3, 1, 1))
+    k = top_ids.shape[-1] if top_ids is not None else 0
+    for s, e, a, b in _last_blocks(n_layers, n_passes, block):
+        at = (slice(s, e), slice(a, b))
+        here = (e - s, b - a, vocab)
+        temps = scratch[:LAST_TEMPS * (e - s) * (b - a) * vocab].view(LAST_TEMPS, *here)
+        if every:
+            lp, z = logp[s:e, a:b], logits[s:e, a:b]
         else:
-            top1 = lp.argmax(dim=-1, keepdim=True)
-        picked = lp.gather(-1, torch.cat([top1, ids.expand(*lp.shape[:2], 2)], dim=-1))
-        rank = 1 + (lp > picked[..., 1:2]).sum(dim=-1)
-        flat = [ok, top1[..., 0], *picked.exp().unbind(-1), rank,
-                metrics.kl_bits(lp, head_logp), metrics.cosine(z, head_z)]
-        if not columns:
-            columns = [[] for _ in flat]
-        for col, tensor in zip(columns, flat, strict=True):
-            col.extend(as_lists(tensor))
-    ok, top1_id, p_top1, p_answer, p_contrast, rank, kl, cos = columns
-    return [[LastRow(finite=ok[li][g], top1_id=int(top1_id[li][g]), p_top1=p_top1[li][g],
-                     p_answer=p_answer[li][g] if c.gold.first_id is not None else None,
-                     rank=int(rank[li][g]) if c.gold.first_id is not None else None,
-                     kl_bits=kl[li][g], cosine=cos[li][g],
-                     p_contrast=p_contrast[li][g] if c.contrast_first_id is not None else None)
+            rows = rows_of[at].reshape(-1)
+            lp = torch.index_select(logp.view(-1, vocab), 0, rows,
+                                    out=temps[2].view(-1, vocab)).view(here)
+            z = torch.index_select(logits.view(-1, vocab), 0, rows,
+                                   out=temps[3].view(-1, vocab)).view(here)
+        ok[at] = finite_rows(lp)
+        if k >= 2:
+            assert top_ids is not None
+            first = top_ids.view(-1, k)[rows_of[at].reshape(-1), :2].view(*here[:2], 2)
+            two = lp.gather(-1, first)
+            best = first[..., :1].clone()
+            unsure = (two[..., 0] == two[..., 1]) | ~ok[at]
+            if bool(unsure.any()):
+                best[unsure] = lp[unsure].argmax(dim=-1, keepdim=True)
+        else:
+            best = lp.argmax(dim=-1, keepdim=True)
+        top1[at] = best[..., 0]
+        picked = lp.gather(-1, torch.cat([best, ids[a:b].expand(*here[:2], 2)], dim=-1))
+        probs3[at] = picked.exp()
+        # counted as floats (1.0 per token above the answer: exact below 2^24 tokens): a
+        # bool tensor's sum first copies it to int64, 8 bytes per token
+        rank[at] = 1 + metrics.row_sum(torch.gt(lp, picked[..., 1:2], out=temps[0])).long()
+        kl[at] = metrics.kl_bits(lp, head_logp[a:b], scratch=temps[:2]).unsqueeze(-1)
+        cos[at] = metrics.cosine_to_units(z, head_units[a:b], scratch=temps[0]).unsqueeze(-1)
+    ok_l, top1_l, rank_l = as_lists(ok), as_lists(top1), as_lists(rank)
+    p_l, kl_l, cos_l = as_lists(probs3), as_lists(kl), as_lists(cos)
+    return [[LastRow(finite=ok_l[li][g], top1_id=top1_l[li][g], p_top1=p_l[li][g][0],
+                     p_answer=p_l[li][g][1] if c.gold.first_id is not None else None,
+                     rank=rank_l[li][g] if c.gold.first_id is not None else None,
+                     kl_bits=kl_l[li][g][0], cosine=cos_l[li][g][0],
+                     p_contrast=p_l[li][g][2] if c.contrast_first_id is not None else None)
              for g, c in enumerate(ctxs)] for li in range(n_layers)]
+
+
+LAST_TEMPS = 4
+"""A block's temporaries in ``last_rows``: the KL's terms and probabilities (the rank's
+and the cosine's reuse the first), the gathered log-probs and logits."""
+
+
+def _last_blocks(n_layers: int, n_passes: int, rows: int) -> list[tuple[int, int, int, int]]:
+    """``last_rows``' blocks ``(first layer, end layer, first pass, end pass)`` of at most
+    ``rows`` rows, as even as they come: whole layers when a layer's passes fit, else
+    each layer's passes in parts."""
+    if n_passes <= rows:
+        return [(s, e, 0, n_passes) for s, e in _even(n_layers, rows // n_passes)]
+    return [(layer, layer + 1, a, b) for layer in range(n_layers)
+            for a, b in _even(n_passes, rows)]
+
+
+def _even(n: int, most: int) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges covering ``n`` in as few parts of at most ``most`` as can be, even."""
+    parts = -(-n // most)
+    edges = [n * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
@@ -271,7 +323,8 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     widths = [sum(items[i][1].shape[1] for i in group) for group in groups]
     chunk_layers = [min(n_layers, max(1, budget // w)) for w in widths]
     size = max(n * w for n, w in zip(chunk_layers, widths, strict=True)) * vocab
-    scratch = min(2 * slice_rows(vocab) - 1, size // vocab) * vocab  # row_slices' widest
+    scratch = max(min(2 * slice_rows(vocab) - 1, size // vocab) * vocab,  # row_slices' widest
+                  min(LAST_TEMPS * SLICE_ELEMENTS, size))  # last_rows' blocks
     with (workspace or Workspace()).borrow(2 * size + scratch, dtype, items[0][1].device) as flat:
         yield from _decode_groups(items, aliases, lens, groups, chunk_layers,
                                   flat[:2 * size].view(2, size), flat[2 * size:], k)
@@ -297,7 +350,7 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
                                     scratch=scratch):
             layers, logits, logp, entropy, top_p, top_ids, finite = chunk
             last = last_rows(ctxs, logits, logp, [spans[g][1] - 1 for *_, g in readers],
-                             top_ids)
+                             top_ids, scratch=scratch)
             lists = [as_lists(t) for t in (finite, entropy, top_ids, top_p)]
             for li, layer in enumerate(layers):
                 ok, ent, ids, ps = (x[li] for x in lists)

@@ -54,9 +54,20 @@ def entropy_bits(logp: Tensor, *, scratch: Tensor | None = None) -> Tensor:
     return (-_sum_where_p_positive(terms.mul_(logp), logp) / LN2).clamp_min(0.0)
 
 
-def kl_bits(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(P ‖ Q) in bits, (..., vocab) → (...); terms with p = 0 contribute 0."""
-    return (_sum_where_p_positive((logp - logq).mul_(probs(logp)), logp) / LN2).clamp_min(0.0)
+def kl_bits(logp: Tensor, logq: Tensor, *, scratch: Tensor | None = None) -> Tensor:
+    """KL(P ‖ Q) in bits, (..., vocab) → (...); terms with p = 0 contribute 0.
+
+    ``scratch`` (optional, at least twice ``logp.numel()`` elements of its
+    dtype) holds the terms and the probabilities instead of two fresh tensors:
+    the same operations on the same numbers, so the same bits.
+    """
+    if scratch is None or logp.requires_grad:
+        terms, p = logp - logq, probs(logp)
+    else:
+        n = logp.numel()
+        terms = torch.sub(logp, logq, out=scratch.view(-1)[:n].view(logp.shape))
+        p = probs(logp, out=scratch.view(-1)[n:2 * n].view(logp.shape))
+    return (_sum_where_p_positive(terms.mul_(p), logp) / LN2).clamp_min(0.0)
 
 
 def _sum_where_p_positive(terms: Tensor, logp: Tensor) -> Tensor:
@@ -110,13 +121,43 @@ def answer_rank(logp: Tensor, answer_id: int) -> Tensor:
     return 1 + (logp > target).sum(dim=-1)
 
 
+COSINE_EPS = 1e-12
+
+
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """Cosine similarity along the last dimension (a single row as in ``row_sum``)."""
     if _alone(a) and _alone(b):
         shape = torch.broadcast_shapes(a.shape, b.shape)[:-1]
         return torch.nn.functional.cosine_similarity(
-            _paired(a), _paired(b), dim=-1, eps=1e-12)[0].reshape(shape)
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+            _paired(a), _paired(b), dim=-1, eps=COSINE_EPS)[0].reshape(shape)
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=COSINE_EPS)
+
+
+def unit_rows(t: Tensor) -> Tensor:
+    """``t`` over its rows' norms (at least ``COSINE_EPS``): ``cosine``'s second factor."""
+    return t / row_norm(t).clamp_min_(COSINE_EPS).unsqueeze(-1)
+
+
+def cosine_to_units(a: Tensor, units: Tensor, *, scratch: Tensor | None = None) -> Tensor:
+    """``cosine(a, b)`` given ``units = unit_rows(b)``, bit for bit: b's norms once for
+    many ``a`` (a layer's rows against the model's head).
+
+    torch's ``cosine_similarity`` computes ``sum((a / |a|) · (b / |b|))``, norms
+    at least ``eps``, each row's norm and sum whole: so does this, with the
+    quotient in ``scratch`` (optional, ``a.numel()`` elements) instead of a
+    fresh tensor.
+    """
+    norms = row_norm(a).clamp_min_(COSINE_EPS).unsqueeze(-1)
+    out = None if scratch is None else scratch.view(-1)[:a.numel()].view(a.shape)
+    quotient = torch.div(a, norms) if out is None else torch.div(a, norms, out=out)
+    return row_sum(quotient.mul_(units))
+
+
+def row_norm(t: Tensor) -> Tensor:
+    """The 2-norm of each row (last dimension), a single row as in ``row_sum``."""
+    if _alone(t):
+        return torch.linalg.vector_norm(_paired(t), dim=-1)[0].reshape(t.shape[:-1])
+    return torch.linalg.vector_norm(t, dim=-1)
 
 
 def is_contiguous_subsequence(window: Sequence[int], context: Sequence[int]) -> bool:

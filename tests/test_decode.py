@@ -217,6 +217,41 @@ def test_last_row_numbers_do_not_depend_on_how_layers_are_chunked():
         torch.set_num_threads(threads)
 
 
+def test_last_rows_numbers_do_not_depend_on_the_blocks_they_are_worked_in():
+    """Many passes' last rows, gathered or read in place, in blocks of whole layers or of
+    a layer's passes in parts (as the scratch allows): every number the same bits."""
+    from types import SimpleNamespace
+
+    from lens.decode import LAST_TEMPS
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = 49_152
+    logits = torch.randn(4, 9, vocab, generator=gen) * 4
+    logp = torch.log_softmax(logits, dim=-1)
+    logp[2, 5, 17] = math.nan  # one row not finite
+    top_ids = torch.topk(logp, 5, dim=-1).indices
+
+    def ctx(i: int) -> SimpleNamespace:
+        head = torch.randn(vocab, generator=gen) * 4
+        return SimpleNamespace(head_logits=head, head_logp=torch.log_softmax(head, dim=-1),
+                               gold=SimpleNamespace(first_id=i * 31), contrast_first_id=i + 1)
+
+    ctxs = [ctx(i) for i in range(9)]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (2, 1):
+            torch.set_num_threads(n_threads)
+            for lasts in ([8, 2, 5, 0, 8, 1, 3], list(range(9))):  # gathered (a row twice); in place
+                here = ctxs[:len(lasts)]
+                want = repr(last_rows(here, logits, logp, lasts, top_ids))
+                for rows in (1, 2, 3, 5, 9, 40):
+                    scratch = torch.empty(LAST_TEMPS * rows * vocab)
+                    assert repr(last_rows(here, logits, logp, lasts, top_ids,
+                                          scratch=scratch)) == want, (n_threads, lasts, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_last_rows_take_the_top_1_from_the_top_k_as_argmax_would():
     """With the chunk's top-k ids the top-1 is read from them, except where the first two
     tie (argmax takes the lowest id) or the row is not finite: the numbers of argmax."""
