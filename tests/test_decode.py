@@ -241,7 +241,7 @@ def test_last_rows_numbers_do_not_depend_on_the_blocks_they_are_worked_in():
     try:
         for n_threads in (2, 1):
             torch.set_num_threads(n_threads)
-            for lasts in ([8, 2, 5, 0, 8, 1, 3], list(range(9))):  # gathered (a row twice); in place
+            for lasts in ([8, 2, 5, 0, 8, 1, 3], list(range(9))):  # gathered; in place
                 here = ctxs[:len(lasts)]
                 want = repr(last_rows(here, logits, logp, lasts, top_ids))
                 for rows in (1, 2, 3, 5, 9, 40):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lens.config import RunConfig
 from lens import plotpool
+from lens.config import RunConfig
 from lens.plotpool import PlotPool, draw_beside_decode, workers_for
 from lens.plots import draw_in_process, plot_jobs
 from lens.probe import load_probe
