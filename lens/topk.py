@@ -4,7 +4,7 @@ On a CPU ``torch.topk(rows, k)`` copies every element of a row, with its
 index, before it selects: SmolLM2's 49,152-token rows took 57 µs each, the
 largest cost of a decode after the matmul and the log-softmax. Here a row's
 top-k is looked for only in its ``k`` blocks (``BLOCK`` tokens each) with the
-highest maxima, plus the tail the blocks do not cover: 672 candidates of
+highest maxima, plus the tail the blocks do not cover: 640 candidates of
 49,152 for ``k`` = 20. The answer is the answer only where it is unique:
 
 - the top ``k + 1`` candidates are strictly decreasing (no tie within the
