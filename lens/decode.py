@@ -228,10 +228,10 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
         at = (slice(s, e), slice(a, b))
         here = (e - s, b - a, vocab)
         temps = scratch[:LAST_TEMPS * (e - s) * (b - a) * vocab].view(LAST_TEMPS, *here)
+        rows = rows_of[at].reshape(-1)
         if every:
             lp, z = logp[s:e, a:b], logits[s:e, a:b]
         else:
-            rows = rows_of[at].reshape(-1)
             lp = torch.index_select(logp.view(-1, vocab), 0, rows,
                                     out=temps[2].view(-1, vocab)).view(here)
             z = torch.index_select(logits.view(-1, vocab), 0, rows,
@@ -239,7 +239,7 @@ def last_rows(ctxs: Sequence[PassContext], logits: Tensor, logp: Tensor,
         ok[at] = finite_rows(lp)
         if k >= 2:
             assert top_ids is not None
-            first = top_ids.view(-1, k)[rows_of[at].reshape(-1), :2].view(*here[:2], 2)
+            first = top_ids.view(-1, k)[rows, :2].view(*here[:2], 2)
             two = lp.gather(-1, first)
             best = first[..., :1].clone()
             unsure = (two[..., 0] == two[..., 1]) | ~ok[at]

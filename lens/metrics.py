@@ -125,12 +125,9 @@ COSINE_EPS = 1e-12
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension (a single row as in ``row_sum``)."""
-    if _alone(a) and _alone(b):
-        shape = torch.broadcast_shapes(a.shape, b.shape)[:-1]
-        return torch.nn.functional.cosine_similarity(
-            _paired(a), _paired(b), dim=-1, eps=COSINE_EPS)[0].reshape(shape)
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=COSINE_EPS)
+    """Cosine similarity along the last dimension, the bits of torch's ``cosine_similarity``
+    (``eps`` = ``COSINE_EPS``) but a single row's as in ``row_sum``."""
+    return cosine_to_units(a.expand(torch.broadcast_shapes(a.shape, b.shape)), unit_rows(b))
 
 
 def unit_rows(t: Tensor) -> Tensor:
@@ -145,7 +142,7 @@ def cosine_to_units(a: Tensor, units: Tensor, *, scratch: Tensor | None = None) 
     torch's ``cosine_similarity`` computes ``sum((a / |a|) · (b / |b|))``, norms
     at least ``eps``, each row's norm and sum whole: so does this, with the
     quotient in ``scratch`` (optional, ``a.numel()`` elements) instead of a
-    fresh tensor.
+    fresh tensor; ``units`` must broadcast to ``a``'s shape.
     """
     norms = row_norm(a).clamp_min_(COSINE_EPS).unsqueeze(-1)
     out = None if scratch is None else scratch.view(-1)[:a.numel()].view(a.shape)

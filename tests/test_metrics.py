@@ -266,6 +266,30 @@ def test_cosine_orthogonal_and_batched():
     torch.testing.assert_close(got, torch.tensor([0.0, 1.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((4, 49_152), (4, 49_152)),
+                                                  ((5, 6, 4_000), (6, 4_000)),
+                                                  ((3, 1, 49_152), (1, 49_152))])
+def test_cosine_has_the_bits_of_torchs_cosine_similarity(dtype, shape_a, shape_b):
+    """``cosine`` and ``cosine_to_units`` (the head's factor computed once) reproduce
+    torch's formula bit for bit, a scratch buffer or not, on 1 and 2 threads."""
+    from lens.metrics import COSINE_EPS, cosine, cosine_to_units, unit_rows
+
+    gen = torch.Generator().manual_seed(len(shape_a))
+    a = torch.randn(*shape_a, generator=gen, dtype=dtype) * 7
+    b = torch.randn(*shape_b, generator=gen, dtype=dtype) * 3
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            want = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=COSINE_EPS)
+            assert torch.equal(cosine(a, b), want)
+            scratch = torch.empty(a.numel() + 3, dtype=dtype)
+            assert torch.equal(cosine_to_units(a, unit_rows(b), scratch=scratch), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- subsequences
 
 
