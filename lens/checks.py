@@ -78,8 +78,7 @@ def check_plain_records(emitter: object, step: LayerStep) -> None:
 def last_row_only(step: LayerStep) -> LayerStep:
     """The step as a pass that decodes only the last position would give it."""
     v = step.values
-    return replace(step, resid=step.resid[-1:], logits=step.logits[-1:], logp=step.logp[-1:],
-                   entropy=step.entropy[-1:], top_p=step.top_p[-1:], top_ids=step.top_ids[-1:],
+    return replace(step, tensors=step.tensors.last_only(),
                    values=RowValues(finite=v.finite[-1:], entropy=v.entropy[-1:],
                                     top_ids=v.top_ids[-1:], top_p=v.top_p[-1:]))
 

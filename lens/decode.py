@@ -21,6 +21,8 @@ from torch import Tensor
 from lens import metrics, topk
 from lens.emitters import LastRow, LayerStep, PassContext, RowValues
 from lens.lenses import Lens
+from lens.rowgroups import Group, Rows, group_rows
+from lens.steptensors import StepTensors
 from lens.windows import RollingWindow
 
 CHUNK_ELEMENTS = 1 << 25
@@ -295,15 +297,17 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
 
     Each item is a pass context and its residual rows ``(n_layers + 1, rows_i,
     d_model)``; every item's steps come in layer order. Items are grouped so
-    that one layer of a group fits the budget, then each group is decoded in
-    chunks of layers. A chunk holds at most the logits of half the layers of
+    that one layer of a group fits the budget, a prompt prefix that items of
+    a group share decoded once (``lens.rowgroups``), then each group is
+    decoded in chunks of layers. A chunk holds at most the logits of half the layers of
     one pass of ``widest`` positions (default: the widest item; and at most
     ``CHUNK_ELEMENTS``): its working set (logits and log-probs, plus a slice's
     entropy terms) stays within one pass's full logits; they live in one
     buffer reused for every chunk, ``workspace``'s (a run's calls share it) or
-    made for this call. A step's tensors are views of it: valid until the
-    consumer asks for a step of the next chunk (emitters turn them into plain
-    values at once).
+    made for this call. A step's tensors come from it (views, or copies of a
+    shared prefix's rows, made when read: ``lens.steptensors``): valid until
+    the consumer asks for a step of the next chunk (emitters turn them into
+    plain values at once).
 
     ``aliases`` are passes that read only the last row of an item's residuals
     (``(context, item index)``: a prompt that recurs, a fact's control that is
@@ -311,8 +315,8 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     k``, with their own answer's numbers and copy window, and no matmul of
     their own. A row's numbers do not depend on the rows decoded beside it
     (``row_slices``; MKL's float32 matmul gave a row the same bits in every
-    matmul of 12 rows or more), so an alias's steps are those it would get
-    from a decode of its own.
+    matmul of 12 rows or more), so an alias's steps, and a shared row's
+    numbers, are those a decode of its own would give.
     """
     if not items:
         return
@@ -323,10 +327,9 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
     k = min(max(config.topk_verbose, config.topk_brief), vocab)
     widest = widest or max(r.shape[1] for _, r in items)
     budget = max(1, min(CHUNK_ELEMENTS // vocab, -(-n_layers // 2) * widest))  # rows × layers
-    groups = _groups([rows.shape[1] for _, rows in items], budget)
-    widths = [sum(items[i][1].shape[1] for i in group) for group in groups]
-    chunk_layers = [min(n_layers, max(1, budget // w)) for w in widths]
-    size = max(n * w for n, w in zip(chunk_layers, widths, strict=True)) * vocab
+    groups = group_rows(items, budget)
+    chunk_layers = [min(n_layers, max(1, budget // max(1, g.width))) for g in groups]
+    size = max(n * g.width for n, g in zip(chunk_layers, groups, strict=True)) * vocab
     scratch = max(min(2 * slice_rows(vocab) - 1, size // vocab) * vocab,  # row_slices' widest
                   min(LAST_TEMPS * SLICE_ELEMENTS, size))  # last_rows' blocks
     with (workspace or Workspace()).borrow(2 * size + scratch, dtype, items[0][1].device) as flat:
@@ -336,54 +339,49 @@ def decode_many(items: Sequence[tuple[PassContext, Tensor]], lens: Lens, *,
 
 def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
                    aliases: Sequence[tuple[PassContext, int]], lens: Lens,
-                   groups: Sequence[Sequence[int]], chunk_layers: Sequence[int],
+                   groups: Sequence[Group], chunk_layers: Sequence[int],
                    buffers: Tensor, scratch: Tensor, k: int) -> Iterator[tuple[int, LayerStep]]:
     """``decode_many``'s loop: each group of items (and their aliases) in chunks of layers,
     into ``buffers``."""
     windows = [RollingWindow(ctx.config.copy_window_k) for ctx, _ in (*items, *aliases)]
     for group, per_chunk in zip(groups, chunk_layers, strict=True):
-        resids = torch.cat([items[i][1] for i in group], dim=1)
-        ends = torch.tensor([items[i][1].shape[1] for i in group]).cumsum(0).tolist()
-        spans = list(zip([0, *ends[:-1]], ends, strict=True))
-        # (yield index, context, the item whose last row it reads, that item's place in group)
-        readers = [(i, items[i][0], i, g) for g, i in enumerate(group)]
-        readers += [(len(items) + a, ctx, i, g) for g, i in enumerate(group)
+        # (yield index, context, the item whose rows it reads, that item's place in group)
+        readers = [(i, items[i][0], i, g) for g, i in enumerate(group.members)]
+        readers += [(len(items) + a, ctx, i, g) for g, i in enumerate(group.members)
                     for a, (ctx, source) in enumerate(aliases) if source == i]
         ctxs = [ctx for _, ctx, _, _ in readers]
-        for chunk in decoded_chunks(lens, resids, per_chunk=per_chunk, k=k, buffers=buffers,
-                                    scratch=scratch):
+        lasts = [group.last(g) for *_, g in readers]
+        for chunk in decoded_chunks(lens, group.resids(items), per_chunk=per_chunk, k=k,
+                                    buffers=buffers, scratch=scratch):
             layers, logits, logp, entropy, top_p, top_ids, finite = chunk
-            last = last_rows(ctxs, logits, logp, [spans[g][1] - 1 for *_, g in readers],
-                             top_ids, scratch=scratch)
+            last = last_rows(ctxs, logits, logp, lasts, top_ids, scratch=scratch)
             lists = [as_lists(t) for t in (finite, entropy, top_ids, top_p)]
             for li, layer in enumerate(layers):
+                decoded = (logits[li], logp[li], entropy[li], top_p[li], top_ids[li])
                 ok, ent, ids, ps = (x[li] for x in lists)
                 for r, (index, ctx, i, g) in enumerate(readers):
-                    a, b = spans[g] if index == i else (spans[g][1] - 1, spans[g][1])
+                    resid = items[i][1][layer]
+                    if index == i:
+                        rows, own = group.rows[g], slice(None)
+                    else:  # an alias: the item's last row
+                        rows, own = slice(lasts[r], lasts[r] + 1), slice(len(resid) - 1, None)
                     yield index, LayerStep(
                         ctx=ctx, lens=lens.name, layer=layer,
-                        resid=items[i][1][layer, a - spans[g][0]:b - spans[g][0]],
-                        logits=logits[li, a:b], logp=logp[li, a:b], entropy=entropy[li, a:b],
-                        top_p=top_p[li, a:b], top_ids=top_ids[li, a:b],
-                        window=windows[index].push(ids[b - 1][0]),
-                        values=RowValues(finite=ok[a:b], entropy=ent[a:b], top_ids=ids[a:b],
-                                         top_p=ps[a:b]),
+                        tensors=StepTensors(decoded, rows, resid, own),
+                        window=windows[index].push(ids[lasts[r]][0]),
+                        values=_row_values(rows, ok, ent, ids, ps),
                         last=last[li][r])
-            del chunk, logits, logp, entropy, top_p, top_ids, finite
+            del chunk, logits, logp, entropy, top_p, top_ids, finite, decoded
 
 
-def _groups(widths: Sequence[int], budget: int) -> list[list[int]]:
-    """Consecutive items whose rows together fit ``budget`` (an item alone may exceed it)."""
-    groups: list[list[int]] = []
-    width = 0
-    for i, w in enumerate(widths):
-        if groups and width + w <= budget:
-            groups[-1].append(i)
-            width += w
-        else:
-            groups.append([i])
-            width = w
-    return groups
+def _row_values(rows: Rows, finite: list, entropy: list, top_ids: list,  # type: ignore[type-arg]
+                top_p: list) -> RowValues:  # type: ignore[type-arg]
+    """The chunk's per-row values (one layer's lists) of a step's rows."""
+    if isinstance(rows, slice):
+        return RowValues(finite=finite[rows], entropy=entropy[rows], top_ids=top_ids[rows],
+                         top_p=top_p[rows])
+    return RowValues(finite=[finite[r] for r in rows], entropy=[entropy[r] for r in rows],
+                     top_ids=[top_ids[r] for r in rows], top_p=[top_p[r] for r in rows])
 
 
 def decode_steps(ctx: PassContext, lens: Lens, resids: Tensor) -> Iterator[LayerStep]:

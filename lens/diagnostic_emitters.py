@@ -60,12 +60,13 @@ class RawLensCheck:
         raw_logits = self.prefetched.get((ctx, step.layer))
         if raw_logits is None:
             raw_logits = self.raw.forward(step.resid[last:last + 1], step.layer)[0]
-        raw_logp = metrics.log_probs(raw_logits, step.logp.dtype)
-        norm = scalars(step.logp[last], ctx.gold, ctx.table)
+        logp = step.row("logp", last)
+        raw_logp = metrics.log_probs(raw_logits, logp.dtype)
+        norm = scalars(logp, ctx.gold, ctx.table)
         raw = scalars(raw_logp, ctx.gold, ctx.table)
         yield RawCheckRecord(
             lens=step.lens, layer=step.layer,
-            kl_norm_vs_raw_bits=metrics.settle(metrics.kl_bits(step.logp[last], raw_logp)),
+            kl_norm_vs_raw_bits=metrics.settle(metrics.kl_bits(logp, raw_logp)),
             top1_agree=norm.top1_id == raw.top1_id if norm.finite and raw.finite else None,
             p_top1_norm=norm.p_top1, p_top1_raw=raw.p_top1,
             p_answer_norm=norm.p_answer, p_answer_raw=raw.p_answer,
@@ -106,8 +107,8 @@ class LastLayerConsistency:
         if step.layer != ctx.n_layers:
             return
         last = step.last_row
-        z = step.logits[last]
-        logp = step.logp[last]
+        z = step.row("logits", last)
+        logp = step.row("logp", last)
         target = ctx.head_logp.to(logp.dtype)
         kl = metrics.settle(metrics.kl_bits(logp, target))
         lens_s = scalars(logp, ctx.gold, ctx.table)

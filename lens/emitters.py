@@ -26,6 +26,7 @@ from lens.records import (
     PositionRecord,
     Record,
 )
+from lens.steptensors import StepTensors
 from lens.tokens import TokenTable
 
 Rows = Literal["all", "last"]
@@ -108,31 +109,57 @@ class LastRow:
 class LayerStep:
     """One layer of one pass decoded by one lens.
 
-    Its tensors are valid while it is being emitted: the next chunk of layers
-    is decoded into the same buffers (``kept`` makes a copy that lasts).
+    Its tensors (``resid``, ``logits``, …: properties, made when first read,
+    ``StepTensors``) are valid while it is being emitted: the next chunk of
+    layers is decoded into the same buffers (``kept`` makes a copy that lasts).
     """
 
     ctx: PassContext
     lens: str
     layer: int
-    resid: Tensor
-    """(seq, d_model) the residual stream after this layer."""
-    logits: Tensor
-    """(seq, d_vocab) lens logits in the analysis dtype."""
-    logp: Tensor
-    """(seq, d_vocab) log-softmax of ``logits``."""
-    entropy: Tensor
-    """(seq,) entropy in bits."""
-    top_p: Tensor
-    """(seq, K) probabilities of the top-K tokens, K = the largest top-k written."""
-    top_ids: Tensor
-    """(seq, K) their ids."""
     window: tuple[int, ...]
     """Top-1 ids at the last position of the last ≤ k layers, this layer's last."""
     values: RowValues
     """``entropy``, finiteness and the top-k of every row, as Python values."""
     last: LastRow
     """The last position's answer-related numbers."""
+    tensors: StepTensors
+    """Where the tensors below come from."""
+
+    @property
+    def resid(self) -> Tensor:
+        """(seq, d_model) the residual stream after this layer."""
+        return self.tensors.get("resid")
+
+    @property
+    def logits(self) -> Tensor:
+        """(seq, d_vocab) lens logits in the analysis dtype."""
+        return self.tensors.get("logits")
+
+    @property
+    def logp(self) -> Tensor:
+        """(seq, d_vocab) log-softmax of ``logits``."""
+        return self.tensors.get("logp")
+
+    @property
+    def entropy(self) -> Tensor:
+        """(seq,) entropy in bits."""
+        return self.tensors.get("entropy")
+
+    @property
+    def top_p(self) -> Tensor:
+        """(seq, K) probabilities of the top-K tokens, K = the largest top-k written."""
+        return self.tensors.get("top_p")
+
+    @property
+    def top_ids(self) -> Tensor:
+        """(seq, K) their ids."""
+        return self.tensors.get("top_ids")
+
+    def row(self, name: str, row: int) -> Tensor:
+        """Row ``row`` of ``logits``, ``logp``, ``entropy``, ``top_p`` or ``top_ids``: a view,
+        without making the whole tensor (an emitter that reads one row)."""
+        return self.tensors.row(name, row)
 
     def kept(self) -> LayerStep:
         """This step with tensors of its own, to hold after the next step arrives.
@@ -141,9 +168,7 @@ class LayerStep:
         layers overwrites (``lens.decode``); emitters read them at once and
         need no copy.
         """
-        return replace(self, logits=self.logits.clone(), logp=self.logp.clone(),
-                       entropy=self.entropy.clone(), top_p=self.top_p.clone(),
-                       top_ids=self.top_ids.clone())
+        return replace(self, tensors=self.tensors.copy())
 
     @property
     def last_row(self) -> int:
@@ -152,7 +177,7 @@ class LayerStep:
         ``seq - 1`` for a step over every position; ``0`` for a step decoded at
         the last position only (the next-token-only lenses).
         """
-        return int(self.logits.shape[0]) - 1
+        return self.tensors.n_rows - 1
 
 
 @runtime_checkable

@@ -84,7 +84,8 @@ def test_a_shared_chunk_holds_at_most_half_of_one_pass(tiny_models, monkeypatch)
         for i, step in decode_many(items, analysis.lens, widest=widest):
             seen[i].append(step.layer)
             assert step.logits.shape[0] == items[i][1].shape[1]
-            assert step.logits._base.numel() <= 2 * bound + min(slices, bound)  # logits, log-probs
+            buffer = step.row("logits", 0)._base  # the chunk's (a shared prefix's rows: gathered)
+            assert buffer.numel() <= 2 * bound + min(slices, bound)  # logits, log-probs
         assert all(layer_order == list(range(layers)) for layer_order in seen.values())
         assert all(n * width * model.d_vocab <= bound for n, width in decoded)
         widest_item = max(r.shape[1] for _, r in items)
