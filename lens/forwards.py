@@ -16,6 +16,43 @@ from collections.abc import Sequence
 from lens.model import Capture, LoadedModel, capture, capture_batch
 
 Key = tuple[int, ...]
+WINDOW_ELEMENTS = 1 << 24
+"""A many-fact probe decodes the passes of consecutive forward batches together
+while their residuals stay within this many elements (64 MB in float32).
+
+The captures of a window are held until its passes are decoded: a larger
+window shares more of a template's prefix (``lens.rowgroups``) and fills more
+last-position matmuls, for memory. On SmolLM2 (17,856 elements per token) a
+window is 6 batches of ``capitals``' 8 passes: its 24 facts decode in 2
+windows instead of 9 batches.
+"""
+
+
+def windows(lengths: Sequence[int], batch: int, per_token: int,
+            budget: int | None = None) -> list[list[tuple[int, int]]]:
+    """The plan's forward batches ``[start, stop)`` (``batch`` prompts each), grouped
+    into consecutive windows whose prompts' residuals fit ``budget`` elements.
+
+    Args:
+        lengths: Every planned prompt's length in tokens.
+        batch: Prompts per forward batch.
+        per_token: Residual elements a token's capture holds (layers × d_model).
+        budget: Elements a window's captures may hold (default ``WINDOW_ELEMENTS``); a
+            batch alone may exceed it.
+    """
+    budget = WINDOW_ELEMENTS if budget is None else budget
+    out: list[list[tuple[int, int]]] = []
+    held = 0
+    for start in range(0, len(lengths), max(1, batch)):
+        stop = min(len(lengths), start + max(1, batch))
+        size = sum(lengths[start:stop]) * per_token
+        if out and held + size <= budget:
+            out[-1].append((start, stop))
+            held += size
+        else:
+            out.append([(start, stop)])
+            held = size
+    return out
 
 
 class Forwards:

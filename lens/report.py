@@ -16,7 +16,7 @@ from lens import summaries
 from lens.aggregate import FactRecords, aggregate_report
 from lens.config import Fact, Probe, RunConfig
 from lens.errors import LensError
-from lens.forwards import Forwards
+from lens.forwards import Forwards, windows
 from lens.lenses import LensParts, NormLens, RawLens, resolve_lenses
 from lens.metrics import entropy_bits
 from lens.model import LoadedModel, head_logits, tokenize
@@ -120,18 +120,19 @@ def _token_ids(analysis: Analysis, fact: Fact, p: Pass) -> list[int]:
 
 
 def _run_chunk(analysis: Analysis, chunk: Sequence[tuple[Fact, Pass]],
-               ids: Sequence[Sequence[int]], forwards: Forwards, *,
+               batches: Sequence[Sequence[Sequence[int]]], forwards: Forwards, *,
                timer: StageTimer | None = None) -> list[PassResult]:
     """Run a chunk of passes: their forwards, then each lens's rows of all of them decoded
     together (``lens.passes.run_passes``); the whole timed as ``passes/all``.
 
-    ``forwards`` runs the prompts (``ids``) it has not run yet
-    (``lens.forwards.Forwards``). A ``LensError`` makes the passes run one by
-    one, so that the error names its fact and pass.
+    ``forwards`` runs the prompts it has not run yet (``lens.forwards.Forwards``),
+    one forward batch per entry of ``batches`` (the passes' ids, in order). A
+    ``LensError`` makes the passes run one by one, so that the error names
+    its fact and pass.
     """
     with maybe_stage(timer, "passes/all"):
         with maybe_stage(timer, "breakdown/capture"):
-            caps = forwards.take(ids)
+            caps = [cap for ids in batches for cap in forwards.take(ids)]
         try:
             return run_passes(analysis, [(p, cap) for (_, p), cap in zip(chunk, caps, strict=True)],
                               timer=timer)
@@ -155,9 +156,10 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
 
     A one-fact probe runs each pass in its own forward (so its outputs are the
     reference bytes); a probe with more facts runs its passes, fact by fact,
-    in padded batches of ``config.batch_size`` prompts. Either way a prompt that
-    recurs (a fact's prompt as another's control) is forwarded once, and the
-    rows of a chunk's passes are decoded together. Residuals are kept only with
+    in padded batches of ``config.batch_size`` prompts, the passes of several
+    batches decoded together (``lens.forwards.windows``). Either way a prompt
+    that recurs (a fact's prompt as another's control) is forwarded once, and
+    the rows of a window's passes are decoded together. Residuals are kept only with
     ``config.keep_residuals``. ``progress`` is told ``(pass label, layer,
     n_layers)`` as layers are decoded; ``fact_progress`` ``(done, total, fact id)``
     as facts complete; ``fact_done`` each fact and its passes' results as soon
@@ -173,12 +175,15 @@ def analyse(model: LoadedModel, probe: Probe, config: RunConfig, *,
     by_fact: dict[str, list[PassResult]] = {f.id: [] for f in probe.facts}
     last_pass = {fact.id: i for i, (fact, _) in enumerate(plan)}
     done = 0
-    for start in range(0, len(plan), size):
-        chunk = plan[start:start + size]
-        results = _run_chunk(analysis, chunk, ids[start:start + size], forwards, timer=timer)
+    per_token = (model.n_layers + 1) * model.d_model
+    for window in windows([len(i) for i in ids], size, per_token):
+        start, stop = window[0][0], window[-1][1]
+        chunk = plan[start:stop]
+        results = _run_chunk(analysis, chunk, [ids[a:b] for a, b in window], forwards,
+                             timer=timer)
         for (fact, _), res in zip(chunk, results, strict=True):
             by_fact[fact.id].append(res if config.keep_residuals else replace(res, capture=None))
-        finished = sum(1 for i in last_pass.values() if i < start + size)
+        finished = sum(1 for i in last_pass.values() if i < stop)
         if finished > done:
             for fact in probe.facts[done:finished]:
                 if fact_done is not None:

@@ -1,22 +1,27 @@
-"""A prompt prefix that passes share is decoded once (lens.rowgroups)."""
+"""A prompt prefix that passes share is decoded once (lens.rowgroups), and a many-fact probe
+decodes several forward batches together (lens.forwards.windows)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lens.config import RunConfig
+from lens.forwards import windows
 from lens.model import capture_batch
 from lens.passes import passes_for, run_passes
-from lens.probe import parse_probe
+from lens.probe import load_probe, parse_probe
 from lens.records import record_values
-from lens.report import build_analysis
+from lens.report import analyse, build_analysis
 from lens.rowgroups import group_rows
 from lens.steptensors import StepTensors
 from lens.testing import TINY_MODELS
+
+TINY_PROBE = Path(__file__).resolve().parent / "probes" / "tiny-multi.yaml"
 
 
 def _item(ids, resids):  # type: ignore[no-untyped-def]
@@ -86,6 +91,14 @@ def test_a_step_reads_its_rows_as_views_or_gathered():
     assert kept.get("logits").untyped_storage().data_ptr() != storage
 
 
+def test_windows_hold_batches_within_the_budget():
+    # batches of 3 prompts of 5 tokens: 150 elements each at 10 per token
+    assert windows([5] * 10, 3, per_token=10, budget=300) == [[(0, 3), (3, 6)], [(6, 9), (9, 10)]]
+    assert windows([5] * 10, 3, per_token=10, budget=100) == [[(0, 3)], [(3, 6)], [(6, 9)],
+                                                              [(9, 10)]]  # a batch alone
+    assert windows([5] * 4, 4, per_token=10) == [[(0, 4)]]
+
+
 TEMPLATE_PROBE = {"name": "template", "facts": [
     {"id": "germany", "prompt": "The capital of Germany is called simply", "answer": "Berlin",
      "no_filler": "The capital of Germany is called"},
@@ -135,3 +148,33 @@ def _close(a: object, b: object) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def test_a_probe_decodes_its_forward_batches_together(tiny_models, monkeypatch):
+    """Batches of 2 prompts, decoded in one window; with a window of one batch each, the
+    same records (float64, to 1e-12)."""
+    import lens.forwards
+    import lens.report
+
+    model = tiny_models["tiny-llama"]
+    probe = load_probe(TINY_PROBE)
+    config = RunConfig(dtype="float64", batch_size=2)
+    calls: list[int] = []
+    run_passes_ = lens.report.run_passes
+
+    def spy(analysis, chunk, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(chunk))
+        return run_passes_(analysis, chunk, **kwargs)
+
+    monkeypatch.setattr(lens.report, "run_passes", spy)
+    together = analyse(model, probe, config)
+    n_passes = sum(len(passes_for(f)) for f in probe.facts)
+    assert calls == [n_passes]  # the tiny model's residuals: far within one window
+    calls.clear()
+    monkeypatch.setattr(lens.forwards, "WINDOW_ELEMENTS", 1)
+    alone = analyse(model, probe, config)
+    assert calls == [2] * (n_passes // 2) + [n_passes % 2] * (n_passes % 2)
+    assert len(together.records) == len(alone.records)
+    for got, want in zip(together.records, alone.records, strict=True):
+        got_v, want_v = record_values(got), record_values(want)
+        assert all(_close(got_v[k], want_v[k]) for k in want_v)
