@@ -70,18 +70,36 @@ class _Builder:
         """The rows this group already has for the item's first positions."""
         if resids.shape[1] != len(ctx.input_ids):
             return []  # the last position alone: its tokens before it have no row here
-        rows: list[int] = []
+        rows: list[int] = []  # the rows of the tokens' path in the trie: candidates
         parent = -1
-        for position, token in enumerate(ctx.input_ids):
+        for token in ctx.input_ids:
             row = self._trie.get((parent, token))
             if row is None:
                 break
-            source, at = self._sources[row]
-            if not torch.equal(source[:, at], resids[:, position]):
-                break
             rows.append(row)
             parent = row
+        start = 0  # checked in runs taken from one item's consecutive positions
+        while start < len(rows):
+            source, at = self._sources[rows[start]]
+            end = self._run_end(rows, start)
+            if not torch.equal(source[:, at:at + end - start], resids[:, start:end]):
+                first = next(p for p in range(start, end)
+                             if not torch.equal(source[:, at + p - start], resids[:, p]))
+                return rows[:first]
+            start = end
         return rows
+
+    def _run_end(self, rows: list[int], start: int) -> int:
+        """The end of the run of ``rows`` from ``start`` taken from one item's consecutive
+        positions (one ``torch.equal`` checks them all)."""
+        source, at = self._sources[rows[start]]
+        end = start + 1
+        while end < len(rows):
+            other, position = self._sources[rows[end]]
+            if other is not source or position != at + end - start:
+                break
+            end += 1
+        return end
 
     def add(self, index: int, ctx: PassContext, resids: Tensor, shared: list[int]) -> None:
         n = resids.shape[1]

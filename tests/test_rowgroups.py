@@ -58,6 +58,23 @@ def test_equal_tokens_whose_rows_differ_are_decoded_again():
     assert group.firsts == (0, 2) and group.width == 6 + 5
 
 
+def test_a_prefix_taken_from_two_earlier_items():
+    """c's first three rows are a's, its fourth b's (b branched from a after three): two
+    runs, each checked against its own item; a row of the second that differs ends it."""
+    torch.manual_seed(1)
+    a = torch.randn(3, 6, 8)
+    b = torch.cat([a[:, :3], torch.randn(3, 2, 8)], dim=1)
+    c = torch.cat([b[:, :4], torch.randn(3, 1, 8)], dim=1)
+    items = [_item([1, 2, 3, 4, 5, 6], a), _item([1, 2, 3, 7, 8], b), _item([1, 2, 3, 7, 9], c)]
+    [group] = group_rows(items, budget=100)
+    assert group.rows[1] == (0, 1, 2, 6, 7) and group.rows[2] == (0, 1, 2, 6, 8)
+    assert group.width == 9
+    c = c.clone()
+    c[2, 3, 5] += 1.0  # the row b gives: no longer equal
+    [group] = group_rows([*items[:2], _item([1, 2, 3, 7, 9], c)], budget=100)
+    assert group.firsts == (0, 3, 3) and group.rows[2] == (0, 1, 2, 8, 9)
+
+
 def test_a_last_position_alone_shares_nothing():
     """An item of one row (a pass decoded at its last position) has no prefix rows."""
     a, (ctx, b) = _pair()
