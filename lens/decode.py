@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -374,8 +375,8 @@ def _decode_groups(items: Sequence[tuple[PassContext, Tensor]],
             del chunk, logits, logp, entropy, top_p, top_ids, finite, decoded
 
 
-def _row_values(rows: Rows, finite: list, entropy: list, top_ids: list,  # type: ignore[type-arg]
-                top_p: list) -> RowValues:  # type: ignore[type-arg]
+def _row_values(rows: Rows, finite: list[Any], entropy: list[Any], top_ids: list[Any],
+                top_p: list[Any]) -> RowValues:
     """The chunk's per-row values (one layer's lists) of a step's rows."""
     if isinstance(rows, slice):
         return RowValues(finite=finite[rows], entropy=entropy[rows], top_ids=top_ids[rows],
