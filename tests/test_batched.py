@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from recordkit import close, records_close
 
 from lens.config import RunConfig
 from lens.decode import decode_many, slice_rows
@@ -23,14 +24,6 @@ def _chunk(model, analysis):  # type: ignore[no-untyped-def]
     passes = [p for fact in load_probe(TINY_PROBE).facts for p in passes_for(fact)]
     caps = capture_batch(model, [p.token_ids(analysis) for p in passes])
     return list(zip(passes, caps, strict=True))
-
-
-def _close(a: object, b: object) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12 * (1 + abs(b))
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -54,7 +47,7 @@ def test_passes_run_together_equal_each_pass_run_alone(tiny_models, name):
             got_v, want_v = record_values(got), record_values(want)
             assert got_v.keys() == want_v.keys()
             for key in want_v:
-                assert _close(got_v[key], want_v[key]), (p.prompt_id, p.variant, key)
+                assert close(got_v[key], want_v[key]), (p.prompt_id, p.variant, key)
     assert {("PositionRecord", "norm"), ("NextTokenRecord", "norm"), ("NextTokenRecord", "raw"),
             ("PositionRecord", "logit")} <= kinds
 
@@ -138,5 +131,4 @@ def test_a_control_that_is_another_facts_prompt_reads_its_rows(tiny_models, name
         alone = p.run(analysis, cap)
         assert len(result.records) == len(alone.records)
         for got, want in zip(result.records, alone.records, strict=True):
-            got_v, want_v = record_values(got), record_values(want)
-            assert all(_close(got_v[k], want_v[k]) for k in want_v), (p.prompt_id, p.variant)
+            assert records_close(got, want), (p.prompt_id, p.variant)

@@ -3,19 +3,18 @@ decodes several forward batches together (lens.forwards.windows)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from recordkit import records_close
 
 from lens.config import RunConfig
 from lens.forwards import windows
 from lens.model import capture_batch
 from lens.passes import passes_for, run_passes
 from lens.probe import load_probe, parse_probe
-from lens.records import record_values
 from lens.report import analyse, build_analysis
 from lens.rowgroups import group_rows
 from lens.steptensors import StepTensors
@@ -155,16 +154,8 @@ def test_passes_of_one_template_decode_its_prefix_once(tiny_models, name, monkey
         alone = p.run(analysis, cap)
         assert len(result.records) == len(alone.records)
         for got, want in zip(result.records, alone.records, strict=True):
-            got_v, want_v = record_values(got), record_values(want)
-            assert all(_close(got_v[k], want_v[k]) for k in want_v), (p.prompt_id, p.variant)
+            assert records_close(got, want), (p.prompt_id, p.variant)
 
-
-def _close(a: object, b: object) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12 * (1 + abs(b))
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def test_a_probe_decodes_its_forward_batches_together(tiny_models, monkeypatch):
@@ -193,5 +184,4 @@ def test_a_probe_decodes_its_forward_batches_together(tiny_models, monkeypatch):
     assert calls == [2] * (n_passes // 2) + [n_passes % 2] * (n_passes % 2)
     assert len(together.records) == len(alone.records)
     for got, want in zip(together.records, alone.records, strict=True):
-        got_v, want_v = record_values(got), record_values(want)
-        assert all(_close(got_v[k], want_v[k]) for k in want_v)
+        assert records_close(got, want)
