@@ -80,6 +80,18 @@ def plot_heatmap(records: Iterable[PositionRecord], *, n_layers: int, title: str
         return frame.png()
 
 
+def prepare_heatmap(n_layers: int, n_positions: int) -> None:
+    """Make and keep the frame of a heatmap of this shape now, while this process would
+    be idle: a plot worker does it during the model load, once the prompts' lengths are
+    known (``lens.plotpool``). The frame is drawn once, so that its layer labels' pixels
+    are kept too; the heatmap drawn on it later is byte for byte a fresh one's."""
+    cols = min(n_positions, MAX_POSITIONS)
+    if (n_layers, cols) in _frames:
+        return
+    with drawing():
+        _heatmap_frame(n_layers, cols, np.full((n_layers + 1, cols), np.nan), 1.0).png()
+
+
 HEATMAP_FRAMES = 4
 """Heatmap shapes whose figure a process keeps for the next heatmap of that shape."""
 

@@ -175,7 +175,8 @@ def _placement(device_map: str | dict | None, n_devices: int | None) -> dict[str
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
                device_map: str | dict | None = None, n_devices: int | None = None,
                free: FreeMemory = free_memory,
-               on_stage: Callable[[str], None] | None = None) -> LoadedModel:
+               on_stage: Callable[[str], None] | None = None,
+               on_config: Callable[[Any, Any], None] | None = None) -> LoadedModel:
     """Load ``model_id`` as a Hugging Face causal LM and learn its wiring.
 
     Args:
@@ -186,6 +187,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
         free: Free memory per device kind (injected by tests).
         on_stage: Called with ``resolve``, ``device`` and ``load`` as loading
             proceeds, so that a failure can say where it happened.
+        on_config: Called with the Hugging Face config and the tokenizer as soon as
+            they are loaded and checked, before the weights (a run's plot workers
+            prepare their figures meanwhile, ``lens.plotpool``).
     """
     stage = on_stage or (lambda _: None)
     stage("resolve")
@@ -202,6 +206,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
         raise LensError(f"cannot load config/tokenizer of {model_id}: {validate.reason(exc)}") from exc
     validate.check_config(model_id, hf_config)
+    if on_config is not None:
+        on_config(hf_config, tokenizer)
     stage("device")
     multi = device_map is not None or (n_devices or 1) > 1
     plan = plan_device(device, model_id=model_id, n_params=estimate_params(hf_config), dtype=dtype,
@@ -377,14 +383,22 @@ def head_logits(model: LoadedModel, batch: Sequence[Sequence[int]]) -> Tensor:
     return logits[:, 0].detach().to(model.device)
 
 
+def token_ids(tokenizer: Any, prompt: str, *, prepend_bos: bool = True) -> list[int]:
+    """The tokenizer's ids of ``prompt``, BOS first as TransformerLens does (unchecked:
+    ``tokenize`` checks them against the model)."""
+    ids = list(tokenizer(prompt)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, int(bos))
+    return ids
+
+
 def tokenize(model: LoadedModel, prompt: str) -> list[int]:
     """The model's normal tokenisation: the tokenizer's ids, BOS first as TransformerLens does."""
     if not prompt.strip():
         raise LensError("empty prompt: give the probe a prompt with text in it")
-    ids = list(model.tokenizer(prompt)["input_ids"])
+    ids = token_ids(model.tokenizer, prompt, prepend_bos=model.prepend_bos)
     bos = model.tokenizer.bos_token_id
-    if model.prepend_bos and bos is not None and (not ids or ids[0] != bos):
-        ids.insert(0, int(bos))
     if not ids or (len(ids) == 1 and ids[0] == bos):
         raise LensError(f"prompt {prompt!r} tokenises to nothing; give a prompt with text in it")
     if max(ids) >= model.d_vocab:

@@ -4,26 +4,28 @@ A run's PNGs need only its records, and their cost is matplotlib: about half
 a second to import, then a fraction of a second per figure, in pure Python
 that holds one core. ``PlotPool`` starts its workers (``python -m
 lens.plotpool``) when a run starts, so their import runs beside the model
-load, which leaves cores idle. A many-fact probe hands each fact's heatmap to
-the pool as soon as the fact's passes are done (``submit``) where the decode
-leaves a core idle (``draw_beside_decode``: a GPU run, or a CPU with cores
-torch does not use); elsewhere every heatmap waits for the write. At write
-time the rest of the figures
-(``lens.plots.PlotJob``) join one queue, the trajectories (the longest) ahead
-of the heatmaps still waiting, while the run serialises its CSVs; each worker
-takes the next figure when it is free, and the run's own process never
-imports matplotlib. The bytes are those of
-drawing in process: the same code and style. A worker that cannot start or
-that fails leaves its figures to be drawn in process, so a pool changes how
-fast the PNGs come, never what they are.
+load, which leaves cores idle, and so does what each worker prepares for the
+kind of figure it is given first (``roles``: the trajectories, the heatmaps;
+``lens.plotprep``). A many-fact probe hands each fact's heatmap to the pool
+as soon as the fact's passes are done (``submit``) where the decode leaves a
+core idle (``draw_beside_decode``: a GPU run, or a CPU with cores torch does
+not use); elsewhere every heatmap waits for the write. At write time the
+rest of the figures (``lens.plots.PlotJob``) join one queue, the
+trajectories (the longest) ahead of the heatmaps still waiting, while the
+run serialises its CSVs; each worker takes the next figure when it is free,
+one of its kind first, and the run's own process never imports matplotlib.
+The bytes are those of drawing in process: the same code and style. A worker
+that cannot start or that fails leaves its figures to be drawn in process,
+so a pool changes how fast the PNGs come, never what they are.
 
 Protocol: a job list goes to a worker's stdin as one length-prefixed pickle;
 the worker answers with one length-prefixed pickle, ``{file: png bytes}``, or
 closes its stdout. One thread per worker in the run's process sends it a list
 and waits for the answer before the next, so neither side ever blocks on a
-full pipe while the run decodes. A worker exits at end of input, at once
-(``os._exit``: the run waits for it). Its stderr is discarded: the in-process
-fallback reports any real error the normal way.
+full pipe while the run decodes. A ``lens.plotprep.Prepare`` message gets no
+answer. A worker exits at end of input (``os._exit``), or is killed if it is
+still preparing. Its stderr is discarded: the in-process fallback reports
+any real error the normal way.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import contextlib
 import itertools
 import os
 import pickle
-import queue
+import select
 import struct
 import subprocess
 import sys
@@ -41,11 +43,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from lens.plotprep import Prepare
 from lens.plots import PlotJob
 
 MAX_WORKERS = 4
 NICENESS = 19
 """Workers run at the lowest priority: their import must not slow the model load."""
+CLOSE_GRACE = 0.2
+"""Seconds a worker gets to exit once its input is closed (an idle one takes milliseconds)."""
 _LENGTH = struct.Struct("<Q")
 
 
@@ -55,15 +60,32 @@ def _send(stream: IO[bytes], obj: Any) -> None:
     stream.flush()
 
 
+def _read(stream: IO[bytes], size: int) -> bytes:
+    """``size`` bytes, or fewer at end of input (a raw pipe returns what it has)."""
+    parts, got = [], 0
+    while got < size and (part := stream.read(size - got)):
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def _receive(stream: IO[bytes]) -> Any:
-    head = stream.read(_LENGTH.size)
+    head = _read(stream, _LENGTH.size)
     if len(head) < _LENGTH.size:
-        raise EOFError("the plot worker closed its output")
+        raise EOFError("the other end closed the pipe")
     (size,) = _LENGTH.unpack(head)
-    data = stream.read(size)
+    data = _read(stream, size)
     if len(data) < size:
-        raise EOFError("the plot worker's answer was cut short")
+        raise EOFError("the message was cut short")
     return pickle.loads(data)  # noqa: S301 - our own child process, over a private pipe
+
+
+def _waiting(stream: IO[bytes]) -> bool:
+    """Whether input is waiting on ``stream`` (unbuffered), or it cannot tell."""
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError):  # no select on this kind of stream
+        return True
 
 
 class PlotPool:
@@ -75,27 +97,32 @@ class PlotPool:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._procs: list[subprocess.Popen[bytes]] = []
-        for _ in range(max(0, workers)):
+        self._kinds = roles(max(0, workers))
+        for kinds in self._kinds:
             try:
                 self._procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "lens.plotpool"], stdin=subprocess.PIPE,
+                    [sys.executable, "-m", "lens.plotpool", *kinds], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env))
             except OSError:
                 break  # fewer workers (or none): the rest is drawn in process
             with contextlib.suppress(OSError, AttributeError):  # from its first instruction on
                 os.setpriority(os.PRIO_PROCESS, self._procs[-1].pid, NICENESS)
+        self._kinds = self._kinds[:len(self._procs)]
+        self._writing = [threading.Lock() for _ in self._procs]
+        """One per worker: a message goes down its pipe whole."""
         self._done = threading.Condition()
         self._drawn: dict[str, bytes] = {}
         self._owed: set[str] = set()
         """Files submitted and not yet back (bytes, or a worker's end)."""
         self._alive = len(self._procs)
         self._order = itertools.count()
-        self._queue: queue.PriorityQueue[tuple[int, int, PlotJob | None]] = queue.PriorityQueue()
-        """(priority, submission order, job): every worker takes the next job when it is free."""
+        self._queue: list[tuple[int, int, PlotJob]] = []
+        """(priority, submission order, job) not taken yet: every worker takes one when free."""
+        self._closing = False
         self._threads: list[threading.Thread] = []
         for i, proc in enumerate(self._procs):
             self._threads.append(threading.Thread(
-                target=self._feed, args=(proc,), daemon=True, name=f"lens-plot-{i}"))
+                target=self._feed, args=(i, proc), daemon=True, name=f"lens-plot-{i}"))
             self._threads[-1].start()
 
     def __enter__(self) -> PlotPool:
@@ -108,15 +135,28 @@ class PlotPool:
     def size(self) -> int:
         return len(self._procs)
 
-    def _feed(self, proc: subprocess.Popen[bytes]) -> None:
-        """One worker's thread: the next job to the worker, its answer into ``_drawn``.
+    def _take(self, kinds: tuple[str, ...]) -> PlotJob | None:
+        """The next job for a worker that prepared for ``kinds``, once there is one (None
+        when the pool closes): the first by priority, then a job of its kinds, then
+        submission order."""
+        with self._done:
+            self._done.wait_for(lambda: self._queue or self._closing)
+            if self._closing:
+                return None
+            entry = min(self._queue, key=lambda e: (e[0], e[2].kind not in kinds, e[1]))
+            self._queue.remove(entry)
+            return entry[2]
+
+    def _feed(self, i: int, proc: subprocess.Popen[bytes]) -> None:
+        """Worker ``i``'s thread: the next job to the worker, its answer into ``_drawn``.
 
         A worker that fails takes no more jobs; when the last one has failed,
         what is still queued is owed by nobody: ``draw`` draws it in process.
         """
-        while (job := self._queue.get()[2]) is not None:
+        while (job := self._take(self._kinds[i])) is not None:
             try:
-                _send(proc.stdin, [job])  # type: ignore[arg-type]
+                with self._writing[i]:
+                    _send(proc.stdin, [job])  # type: ignore[arg-type]
                 answer = _receive(proc.stdout)  # type: ignore[arg-type]
             except Exception:  # noqa: BLE001 - a dead worker, a closed pipe, a bad pickle
                 answer = None
@@ -132,9 +172,18 @@ class PlotPool:
             if answer is None:
                 return
 
+    def prepare(self, message: Prepare) -> None:
+        """Tell every worker what it can make ready for its kinds of figure before they
+        come (``lens.plotprep``). It does so whenever it has nothing to draw; no answer
+        comes back, and a worker that is gone is skipped."""
+        for proc, writing in zip(self._procs, self._writing, strict=True):
+            with writing, contextlib.suppress(OSError, ValueError):
+                _send(proc.stdin, message)  # type: ignore[arg-type]
+
     def submit(self, jobs: Sequence[PlotJob], *, first: bool = False) -> None:
         """Start drawing ``jobs`` now; ``draw`` collects them. Each worker takes the next
-        job when it is free, in submission order, ``first`` jobs before the others.
+        job when it is free: ``first`` jobs before the others, then one of the kind it
+        prepared for (``roles``), then in submission order.
 
         Without workers this does nothing: ``draw`` draws them in process.
         """
@@ -145,7 +194,8 @@ class PlotPool:
                 if job.file in self._owed or job.file in self._drawn:
                     continue
                 self._owed.add(job.file)
-                self._queue.put((0 if first else 1, next(self._order), job))
+                self._queue.append((0 if first else 1, next(self._order), job))
+            self._done.notify_all()
 
     def draw(self, jobs: Sequence[PlotJob]) -> dict[str, bytes]:
         """Every job's PNG, keyed by its file name, in the order of ``jobs``.
@@ -160,15 +210,17 @@ class PlotPool:
         return {job.file: drawn[job.file] if job.file in drawn else job.draw() for job in jobs}
 
     def close(self) -> None:
-        """End every worker: close its input (it exits), kill it if it does not."""
-        for _ in self._threads:
-            self._queue.put((-1, next(self._order), None))  # before any job still queued
+        """End every worker: close its input (it exits), kill it if it has not within
+        ``CLOSE_GRACE`` (still importing, or preparing what no figure will use)."""
+        with self._done:
+            self._closing = True  # no worker takes another job
+            self._done.notify_all()
         for proc in self._procs:
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # type: ignore[union-attr]
         for proc in self._procs:
             try:
-                proc.wait(timeout=2)
+                proc.wait(timeout=CLOSE_GRACE)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -177,6 +229,19 @@ class PlotPool:
         for thread in self._threads:
             thread.join(timeout=2)
         self._procs, self._threads = [], []
+
+
+def roles(workers: int) -> list[tuple[str, ...]]:
+    """The kinds of figure each of ``workers`` workers prepares for, and takes first.
+
+    One worker prepares for both. Of more, the first prepares the trajectories
+    (the longest figure) and the others the heatmaps: a one-fact run's two
+    figures then each find a worker ready for it, and no worker spends the
+    load preparing a frame that another worker will use.
+    """
+    if workers == 1:
+        return [("trajectories", "heatmap")]
+    return [("trajectories",), *[("heatmap",)] * (workers - 1)][:workers]
 
 
 def workers_for(n_jobs: int) -> int:
@@ -208,26 +273,39 @@ def draw_beside_decode(device_type: str, decode_threads: int) -> bool:
     return device_type != "cpu" or cores() > decode_threads
 
 
-def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+def serve(stdin: IO[bytes], stdout: IO[bytes], kinds: Sequence[str]) -> None:
     """A worker's loop: draw each job list that comes in, until end of input.
 
     It runs at a lower priority (``NICENESS``, set by the pool as it starts):
-    its start-up import should take only the cores the model load leaves idle;
-    when it draws, the run is waiting for it anyway.
+    its start-up import and what it prepares should take only the cores the
+    model load leaves idle; when it draws, the run is waiting for it anyway.
+    Whenever no message waits on ``stdin`` (unbuffered, so that the check sees
+    everything sent), it takes the next step of ``lens.plotprep`` for its
+    ``kinds`` of figure: a figure that comes meanwhile waits for at most one
+    step, most often one that it would have taken itself.
     """
     from lens.plotkit import warm_up
+    from lens.plotprep import first_steps
 
     warm_up()
+    todo = first_steps(kinds)
     while True:
+        if todo and not _waiting(stdin):
+            with contextlib.suppress(Exception):  # nothing prepared: the figure draws anew
+                todo.pop(0)()
+            continue
         try:
-            jobs = _receive(stdin)
+            message = _receive(stdin)
         except EOFError:
             return
-        _send(stdout, {job.file: job.draw() for job in jobs})
+        if isinstance(message, Prepare):
+            todo.extend(message.steps(kinds))
+        else:
+            _send(stdout, {job.file: job.draw() for job in message})
 
 
 if __name__ == "__main__":
     # Ctrl-C reaches the whole process group: the run reports it, not its plot workers
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        serve(sys.stdin.buffer, sys.stdout.buffer)
+        serve(sys.stdin.buffer.raw, sys.stdout.buffer, sys.argv[1:])  # type: ignore[attr-defined]
     os._exit(0)  # everything is sent: no interpreter teardown for the run to wait on

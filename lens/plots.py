@@ -144,6 +144,41 @@ def _finish_panels(axes: Sequence[Any]) -> None:
             minor_ticks_as_one_line(ax)
 
 
+PREPARED_TICKS = 16
+"""Tick artists a prepared trajectories frame makes per axis (a panel shows about 10)."""
+_prepared: list[tuple[Any, list[Any]]] = []
+"""The trajectories frame made ahead (``prepare_trajectories``), at most one."""
+
+
+def _trajectory_frame() -> tuple[Any, list[Any]]:
+    fig = figure(*TRAJECTORY_SIZE)
+    return fig, _panels(fig, "layer", integer_x=True)
+
+
+def prepare_trajectories() -> None:
+    """Make the next trajectories figure's frame now, while this process would be idle.
+
+    A plot worker calls it beside the model load (``lens.plotpool``). The frame
+    is what every trajectories figure has before its lines: the figure, the
+    four panels with their titles, labels and grid, ``PREPARED_TICKS`` tick
+    artists per axis, drawn once (text metrics and the renderer cached). That
+    was about a quarter of the figure's time. ``plot_trajectories`` takes it and
+    draws the bytes of a fresh figure (tests/test_plotprep.py): matplotlib makes
+    tick artists when a draw first needs them and reuses them in later draws,
+    as in any figure drawn twice, and the first draw sets no limit (autoscaling
+    stays on, the data limits empty).
+    """
+    if _prepared:
+        return
+    with drawing():
+        fig, axes = _trajectory_frame()
+        for ax in axes:
+            ax.xaxis.get_major_ticks(PREPARED_TICKS)
+            ax.yaxis.get_major_ticks(PREPARED_TICKS)
+        fig.canvas.draw()
+    _prepared.append((fig, axes))
+
+
 def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> bytes:
     """Per-layer p_answer, rank, KL and entropy for orig/no_filler/control × every lens.
 
@@ -151,12 +186,15 @@ def plot_trajectories(records: Iterable[NextTokenRecord], *, title: str) -> byte
         records: Pure next-token records of any number of facts (and lenses).
         title: Figure title.
     """
-    pts = points(records)
+    return trajectories_png(points(records), title=title)
+
+
+def trajectories_png(pts: Sequence[Point], *, title: str) -> bytes:
+    """``plot_trajectories`` of ``Point``s."""
     n_facts = len({p.fact_id for p in pts})
     styles = lens_styles(p.lens for p in pts)
     with drawing():
-        fig = figure(*TRAJECTORY_SIZE)
-        axes = _panels(fig, "layer", integer_x=True)
+        fig, axes = _prepared.pop() if _prepared else _trajectory_frame()
         handles = []
         for rank, (prompt_id, variant, label, colour) in enumerate(VARIANTS):
             for lens, (dashes, _) in styles.items():

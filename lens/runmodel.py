@@ -125,15 +125,8 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     Ctrl-C and SIGTERM become an ``interrupted`` result, as every other failure of the
     model does; ``files`` is then empty.
     """
-    import torch
-
-    from lens.devices import free_memory
     from lens.gcpause import freeze_loaded, paused_gc, thaw
-    from lens.lenses.registry import precheck_lenses
-    from lens.model import load_model
     from lens.plotpool import PlotPool, draw_beside_decode, workers_for
-    from lens.plots import heatmap_job
-    from lens.report import analyse
 
     name = outputs.output_name(model_id)
     progress = progress or Progress(quiet=True)
@@ -149,14 +142,30 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
     pool, froze = None, False
     try:
         at("resolve")
+        if plots:  # its workers start before this process's heavy imports and the model load
+            pool = PlotPool(workers_for(len(probe.facts) + 1))  # (lens.plotpool)
+        import torch
+
+        from lens.devices import free_memory
+        from lens.lenses.registry import precheck_lenses
+        from lens.model import load_model
+        from lens.plotprep import prepare_for
+        from lens.plots import heatmap_job
+        from lens.report import analyse
+
         precheck_lenses(config, name)
-        if plots:  # its workers import matplotlib while the model loads (lens.plotpool)
-            pool = PlotPool(workers_for(len(probe.facts) + 1))
+
+        def prepare_plots(hf_config: Any, tokenizer: Any) -> None:  # beside the weights' load
+            n_layers = getattr(hf_config, "num_hidden_layers", None)
+            if pool is not None and isinstance(n_layers, int):
+                pool.prepare(prepare_for(n_layers, prompt_lengths(tokenizer, probe)))
+
         timer.start("load")
         with paused_gc():  # frozen before the collector sees the new objects
             model = load_model(model_id, device=config.device, dtype=config.dtype,
                                device_map=config.device_map_value(),
-                               n_devices=config.n_devices, free=free or free_memory, on_stage=at)
+                               n_devices=config.n_devices, free=free or free_memory, on_stage=at,
+                               on_config=prepare_plots)
             froze = freeze_loaded()  # the run's collections skip the model
         timer.stop("load")
         at("analyse")
@@ -172,8 +181,9 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
                       fact_done=draw_early if beside else None, timer=timer)
         warn_non_finite(name, run.report)
         timer.start("write")
-        if pool is not None:  # the figures not started yet, the trajectories (the longest)
-            pool.submit(plot_jobs(run), first=True)  # first, while the CSVs serialise
+        if pool is not None:  # the figures not started yet, while the CSVs serialise:
+            jobs = plot_jobs(run)  # the trajectories (the longest) first
+            pool.submit(sorted(jobs, key=lambda job: job.kind != "trajectories"), first=True)
         files = outputs.run_files(run, config, evaluation=evaluation_stub(name, run.report),
                                   plots=plots, draw=pool.draw if pool is not None else None)
         timer.stop("write")
@@ -192,6 +202,17 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
             pool.close()
         thaw(froze)
         progress.clear()
+
+
+def prompt_lengths(tokenizer: Any, probe: Probe) -> list[int]:
+    """The token count of each fact's prompt (its heatmap's width), as the forwards will
+    see it; [] where the tokenizer fails (the run then says why)."""
+    from lens.model import token_ids
+
+    try:
+        return [len(token_ids(tokenizer, fact.prompt)) for fact in probe.facts]
+    except Exception:  # noqa: BLE001 - only a hint for the plot workers
+        return []
 
 
 def clash(out: RunDir, name: str, probe: Probe | None = None) -> str | None:

@@ -174,3 +174,56 @@ def test_figures_of_workers_that_all_died_are_drawn_in_process(jobs):
             proc.wait()
         assert pool.draw(jobs) == want
         assert not pool._owed
+
+
+def test_roles_give_the_trajectories_one_worker_and_the_heatmaps_the_rest():
+    from lens.plotpool import roles
+
+    assert roles(0) == []
+    assert roles(1) == [("trajectories", "heatmap")]
+    assert roles(3) == [("trajectories",), ("heatmap",), ("heatmap",)]
+
+
+def test_each_figure_goes_to_the_worker_that_prepared_for_it(jobs, monkeypatch):
+    """Told the heatmap shapes (``prepare``), two workers draw a heatmap and the
+    trajectories submitted together: each takes the kind it prepared for, whatever the
+    order, and the bytes are those drawn in process."""
+    import lens.plotpool
+    from lens.plotprep import prepare_for
+
+    heatmap = next(job for job in jobs if job.kind == "heatmap")
+    trajectories = next(job for job in jobs if job.kind == "trajectories")
+    want = draw_in_process([heatmap, trajectories])
+    sent: list[tuple[int, str]] = []
+    send = lens.plotpool._send
+
+    for order in ([heatmap, trajectories], [trajectories, heatmap]):
+        with PlotPool(2) as pool:
+            def spy(stream, message, pool=pool):  # type: ignore[no-untyped-def]
+                if isinstance(message, list):
+                    worker = [p.stdin for p in pool._procs].index(stream)
+                    sent.extend((worker, job.kind) for job in message)
+                send(stream, message)
+
+            monkeypatch.setattr(lens.plotpool, "_send", spy)
+            shapes = [1 + max(r.pos for r in heatmap.records)]
+            pool.prepare(prepare_for(heatmap.n_layers, shapes))
+            pool.submit(order, first=True)
+            assert pool.draw(order) == {job.file: want[job.file] for job in order}
+        assert sorted(sent) == [(0, "trajectories"), (1, "heatmap")]
+        sent.clear()
+
+
+def test_waiting_sees_input_and_its_end_on_a_pipe():
+    from lens.plotpool import _waiting
+
+    read, write = os.pipe()
+    with open(read, "rb", buffering=0) as stream:
+        assert not _waiting(stream)
+        os.write(write, b"x")
+        assert _waiting(stream)
+        assert stream.read(1) == b"x"
+        assert not _waiting(stream)
+        os.close(write)
+        assert _waiting(stream)  # end of input: the worker reads it and exits
+        assert stream.read(1) == b""
