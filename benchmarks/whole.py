@@ -50,11 +50,13 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
-def run_lens(model: str, env: dict[str, str], lenses: str | None) -> tuple[float, dict]:
-    """(wall seconds, the run's own timings.json) of ``python -m lens.run``."""
+def run_lens(model: str, env: dict[str, str], lenses: str | None,
+             extra: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """(wall seconds, the run's own timings.json) of ``python -m lens.run`` (``extra``: more
+    arguments)."""
     out = Path(tempfile.mkdtemp(prefix="lens-whole-"))
     try:
-        cmd = [sys.executable, "-m", "lens.run", model, "--out_dir", str(out / "run")]
+        cmd = [sys.executable, "-m", "lens.run", model, "--out_dir", str(out / "run"), *extra]
         if lenses is not None:
             cmd += ["--lenses", lenses]
         seconds, _ = timed(cmd, env)

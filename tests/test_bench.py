@@ -40,3 +40,20 @@ def test_whole_process_benchmark_runs_on_a_tiny_model(tmp_path):
     (_, timings), = result["runs"]
     assert timings["write"] > 0 and result["floors"][0][1]["decode"] > 0
     assert result["loads"]["second"] > 0
+
+
+def test_plot_cost_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/plots.py runs lens.run with and without plots in pairs and reports the
+    write stage's difference."""
+    out = tmp_path / "plots.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/plots.py", "--pairs", "1", "--model", "tests/models/tiny-gpt2",
+         "--device", "cpu", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "plots per model (write stage with plots - without) median " in proc.stdout
+    result = json.loads(out.read_text())
+    (pair,) = result["pairs"]
+    assert pair["plots"][1]["write"] > pair["no_plots"][1]["write"] > 0
+    assert result["cost"] == [pair["plots"][1]["write"] - pair["no_plots"][1]["write"]]
