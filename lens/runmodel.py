@@ -204,13 +204,19 @@ def produce(model_id: str, config: RunConfig, probe: Probe, *, quiet: bool, plot
         progress.clear()
 
 
+HINTED_FACTS = 32
+"""Facts whose prompts ``prompt_lengths`` tokenizes: the workers prepare the first few
+heatmap shapes only, and the load waits for this."""
+
+
 def prompt_lengths(tokenizer: Any, probe: Probe) -> list[int]:
-    """The token count of each fact's prompt (its heatmap's width), as the forwards will
-    see it; [] where the tokenizer fails (the run then says why)."""
+    """The token count of the first ``HINTED_FACTS`` facts' prompts (their heatmaps'
+    widths), as the forwards will see them; [] where the tokenizer fails (the run then
+    says why)."""
     from lens.model import token_ids
 
     try:
-        return [len(token_ids(tokenizer, fact.prompt)) for fact in probe.facts]
+        return [len(token_ids(tokenizer, fact.prompt)) for fact in probe.facts[:HINTED_FACTS]]
     except Exception:  # noqa: BLE001 - only a hint for the plot workers
         return []
 

@@ -87,7 +87,7 @@ def test_a_prepared_heatmap_frame_draws_the_bytes_of_a_fresh_figure(runs, nothin
         assert list(heatmap._frames.values()) == [frame]  # the prepared frame was used
 
 
-def test_the_hint_names_the_heatmap_shapes_a_run_draws(tiny_models, runs):
+def test_the_hint_names_the_heatmap_shapes_a_run_draws(runs):
     """``prepare_for`` over ``prompt_lengths`` (what a run sends its workers before the
     weights load) gives exactly the shapes of the heatmaps the run then draws."""
     for run in runs.values():
