@@ -10,16 +10,9 @@ post-norm (OPT-350m style) and sublayer-norm (OLMo-2) blocks.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import socket
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -40,14 +33,13 @@ from lens.headpositions import head_rows, keeps_logits
 from lens.norms import NormSpec, describe_norm
 from lens.outputs import output_name
 from lens.precision import model_precision
+from lens.sources import quiet, resolve_source
 from lens.unembed import HeadTransform, detect_head_transform
 from lens.wiring import Architecture, Wiring, observe
 
 __all__ = ["Capture", "LoadedModel", "capture", "estimate_params", "head_logits", "load_model",
            "output_name", "pick_device", "pick_dtype", "resolve_source", "tokenize"]
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 ROTARY_OR_ALIBI_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_pct",
                         "rotary_dim", "rotary_emb_base", "alibi", "position_embedding_base")
 
@@ -94,68 +86,6 @@ class LoadedModel:
         return self.wiring.norm_for_layer(layer)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def resolve_source(model_id: str) -> str:
-    """A local directory to load from, or a hub id known to be reachable or cached."""
-    from lens import embedded
-
-    if embedded.is_embedded(model_id):
-        return str(embedded.embedded_model_dir())
-    path = Path(model_id).expanduser()
-    if path.exists() or model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id:
-        if not path.is_dir():
-            raise LensError(f"model directory {model_id} does not exist; pass a local Hugging Face "
-                            "directory, a hub id, or nothing for the embedded model")
-        if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-            raise LensError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin); "
-                            "point at a complete Hugging Face model directory")
-        if not any((path / f).exists() for f in TOKENIZER_FILES):
-            raise LensError(f"no tokenizer in {path} (expected tokenizer.json, tokenizer.model or "
-                            "vocab.json); save the tokenizer with tokenizer.save_pretrained(dir)")
-        if not (path / "config.json").exists():
-            raise LensError(f"no config.json in {path}; save the model with model.save_pretrained(dir)")
-        return str(path)
-    from transformers import AutoConfig
-
-    try:
-        with _quiet():
-            AutoConfig.from_pretrained(model_id, local_files_only=True)
-        return model_id
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise LensError(f"the Hugging Face hub is unreachable and {model_id!r} is not cached; "
-                        "download it elsewhere and pass its local directory instead: "
-                        "python -m lens.run /path/to/model")
-    return model_id
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence library chatter (progress bars, warnings) during loading."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
-
-
 def _additive_positions(config: Any) -> bool:
     """Learned/absolute position embeddings (GPT-2, OPT) unless the config names rotary or ALiBi."""
     return not any(getattr(config, key, None) not in (None, False) for key in ROTARY_OR_ALIBI_KEYS)
@@ -200,7 +130,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        with _quiet():
+        with quiet():
             hf_config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - turned into one line for the user
@@ -215,7 +145,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto",
     dt = plan.dtype
     stage("load")
     try:
-        with _quiet(), model_precision(dt):
+        with quiet(), model_precision(dt):
             hf_model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dt, attn_implementation="eager",
                 **(_placement(device_map, n_devices) if multi else {}))

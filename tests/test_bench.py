@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end (a smoke test, not a timing test)."""
+"""The benchmark scripts run end to end (smoke tests, not timing tests)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,23 @@ import torch
 
 from lens.testing import REPO
 
+TINY = ("--model", "tests/models/tiny-gpt2")
+
+
+def _script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name>`` as a process in the checkout; its stdout (it must exit 0)."""
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
 
 def test_benchmark_runs_on_a_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench.py", "--model", "tests/models/tiny-gpt2", "--reps", "1",
-         "--load-reps", "1", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "ratio b/a = " in proc.stdout
-    assert "peak memory beyond the loaded model" in proc.stdout
-    assert f"lens from {REPO / 'lens'}" in proc.stdout
+    stdout = _script("bench.py", *TINY, "--reps", "1", "--load-reps", "1", "--json", str(out))
+    assert "ratio b/a = " in stdout
+    assert "peak memory beyond the loaded model" in stdout
+    assert f"lens from {REPO / 'lens'}" in stdout
     result = json.loads(out.read_text())
     assert result["ratio"] > 0 and len(result["floor"]) == len(result["full"]) == 1
     assert result["load"]["fresh"][0]["load"] > 0
@@ -31,13 +36,8 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
 def test_whole_process_benchmark_runs_on_a_tiny_model(tmp_path):
     """benchmarks/whole.py runs lens.run and the floor script in pairs and reports their ratio."""
     out = tmp_path / "whole.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/whole.py", "--pairs", "1", "--model", "tests/models/tiny-gpt2",
-         "--device", "cpu", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "ratio A/B median of pairs = " in proc.stdout
+    stdout = _script("whole.py", "--pairs", "1", *TINY, "--device", "cpu", "--json", str(out))
+    assert "ratio A/B median of pairs = " in stdout
     result = json.loads(out.read_text())
     assert len(result["ratios"]) == 1 and result["ratio"] > 0
     (_, timings), = result["runs"]
@@ -49,13 +49,8 @@ def test_plot_cost_benchmark_runs_on_a_tiny_model(tmp_path):
     """benchmarks/plots.py runs lens.run with and without plots in pairs and reports the
     write stage's difference."""
     out = tmp_path / "plots.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/plots.py", "--pairs", "1", "--model", "tests/models/tiny-gpt2",
-         "--device", "cpu", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "plots per model (write stage with plots - without) median " in proc.stdout
+    stdout = _script("plots.py", "--pairs", "1", *TINY, "--device", "cpu", "--json", str(out))
+    assert "plots per model (write stage with plots - without) median " in stdout
     result = json.loads(out.read_text())
     (pair,) = result["pairs"]
     assert pair["plots"][1]["write"] > pair["no_plots"][1]["write"] > 0
@@ -68,16 +63,10 @@ def test_benchmarks_run_on_cuda(tmp_path):
     """On a GPU (benchmarks/gpu_check.sh) both benchmarks wait for their kernels and bench.py
     reads the peak from the CUDA allocator, not the process's RSS."""
     out = tmp_path / "bench.json"
-    common = ["--model", "tests/models/tiny-gpt2", "--device", "cuda"]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench.py", *common, "--reps", "1", "--load-reps", "0",
-         "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert " on cuda" in proc.stdout.splitlines()[0]
+    stdout = _script("bench.py", *TINY, "--device", "cuda", "--reps", "1", "--load-reps", "0",
+                     "--json", str(out))
+    assert " on cuda" in stdout.splitlines()[0]
     memory = json.loads(out.read_text())["memory"]
     assert memory["method"] == "torch.cuda.max_memory_allocated" and memory["full"] > 0
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/whole.py", "--pairs", "1", *common], cwd=REPO,
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "ratio A/B median of pairs = " in proc.stdout
+    stdout = _script("whole.py", "--pairs", "1", *TINY, "--device", "cuda")
+    assert "ratio A/B median of pairs = " in stdout

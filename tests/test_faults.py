@@ -183,11 +183,11 @@ QUIET_CASES = [  # 12. --quiet prints errors only
 
 
 def _run(case: Case, quiet: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lens.model
+    import lens.sources
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # processes of their own cannot be patched
-    monkeypatch.setattr(lens.model, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(lens.sources, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.chdir(REPO)
     if case.setup is not None:
         case.setup(tmp_path, monkeypatch)

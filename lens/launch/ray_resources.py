@@ -64,10 +64,10 @@ def local_param_estimate(model_id: str) -> int | None:
     """Parameters from the model's config, read without the network; None when not at hand."""
     from transformers import AutoConfig
 
-    from lens.model import _quiet, resolve_source
+    from lens.sources import quiet, resolve_source
 
     try:
-        with _quiet():
+        with quiet():
             source = resolve_source(model_id) if _is_local(model_id) else model_id
             return estimate_params(AutoConfig.from_pretrained(source, local_files_only=True))
     except Exception:  # noqa: BLE001 - unknown size: the task asks for the default request
