@@ -4,7 +4,9 @@
 
 Each pair runs (A) ``python -m lens.run MODEL --out_dir <fresh dir>`` and
 (B) ``python benchmarks/floor.py MODEL`` as whole processes, one after the
-other (A B A B …), so that load from other processes hits both alike. It
+other, so that load from other processes hits both alike, and alternates
+which goes first (A B, B A, A B, …): on a shared VM the second process of a
+pair can be seconds slower than the first, whichever it is. It
 reports the median of the per-pair ratios A/B (target ≤ 1.25), and beside it
 what the processes say about themselves: import time (the floor's own, and
 for the run its process time minus the time its ``timings.json`` accounts
@@ -101,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     timed(floor_cmd, env)  # warm-up: page cache, the embedded model's dequantized cache
     runs, floors = [], []
     for i in range(args.pairs):
-        runs.append(run_lens(args.model, env, lenses))
-        seconds, out = timed(floor_cmd, env)
-        floors.append((seconds, json.loads(out.strip().splitlines()[-1])))
-        print(f"pair {i + 1}: lens.run {runs[-1][0]:.2f} s, floor {seconds:.2f} s, "
-              f"ratio {runs[-1][0] / seconds:.3f}", file=sys.stderr)
+        for run_first in (True, False) if i % 2 == 0 else (False, True):
+            if run_first:
+                runs.append(run_lens(args.model, env, lenses))
+            else:
+                seconds, out = timed(floor_cmd, env)
+                floors.append((seconds, json.loads(out.strip().splitlines()[-1])))
+        print(f"pair {i + 1} ({'A B' if i % 2 == 0 else 'B A'}): lens.run {runs[-1][0]:.2f} s, "
+              f"floor {seconds:.2f} s, ratio {runs[-1][0] / seconds:.3f}", file=sys.stderr)
     code = SECOND_LOAD.format(repo=str(REPO), model=args.model, device=args.device)
     loads = json.loads(timed([sys.executable, "-c", code], env)[1].strip().splitlines()[-1])
 
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         header,
         f"model {args.model}, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '(unset)')}, "
-        f"{args.pairs} pairs (A = python -m lens.run, B = benchmarks/floor.py)"
+        f"{args.pairs} pairs (A = python -m lens.run, B = benchmarks/floor.py; A B, B A, ...)"
         + (", no sidecar lens" if args.no_sidecar else ", default lenses (logit sidecar)"),
         f"  lens.run  median {med(r[0] for r in runs):7.2f} s  "
         f"[{' '.join(f'{r[0]:.2f}' for r in runs)}]",
