@@ -13,9 +13,10 @@ built-in ``capitals`` facts under fresh ids, each cycle's prompts tagged
 cycles). ``--threads`` sets ``OMP_NUM_THREADS``; ``--lenses ''`` runs
 without sidecar lenses (a default run decodes the logit lens at every
 position too, doubling the per-position work of a probe). ``--baseline DIR``
-runs another checkout (its own ``.venv``) and this one in pairs, baseline
-first, and reports the median ratio of their throughputs; the baseline gets
-a cache of its own (``DIR/.lens-cache``).
+runs another checkout (its own ``.venv``) and this one in pairs, alternating
+which goes first (baseline first in the first pair), and reports the median
+ratio of their throughputs; the baseline gets a cache of its own
+(``DIR/.lens-cache``).
 """
 
 from __future__ import annotations
@@ -127,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         # and the two would rebuild each other's cache on every run
         base_env = {**env, "LENS_CACHE_DIR": str(base_dir / ".lens-cache")}
         ratios = []
-        for i in range(args.pairs):
-            base = run_probe(base_python, base_dir, probe, args, base_env, lenses=None)
-            this = run_probe(sys.executable, REPO, probe, args, env, lenses=args.lenses)
+        for i in range(args.pairs):  # the baseline first, then this checkout first, ...
+            got = {}
+            for side in ("base", "this") if i % 2 == 0 else ("this", "base"):
+                got[side] = (run_probe(base_python, base_dir, probe, args, base_env, lenses=None)
+                             if side == "base" else
+                             run_probe(sys.executable, REPO, probe, args, env, lenses=args.lenses))
+            base, this = got["base"], got["this"]
             ratios.append(base["work"] / this["work"])
-            print(f"pair {i + 1}, load average {os.getloadavg()[0]:.1f}:\n"
+            order = "baseline first" if i % 2 == 0 else "this checkout first"
+            print(f"pair {i + 1} ({order}), load average {os.getloadavg()[0]:.1f}:\n"
                   + describe(f"baseline {args.baseline}", base) + "\n"
                   + describe("this checkout", this)
                   + f"\n  throughput this/baseline (analysis + writing): {ratios[-1]:.2f}x, "

@@ -57,6 +57,23 @@ def test_plot_cost_benchmark_runs_on_a_tiny_model(tmp_path):
     assert result["cost"] == [pair["plots"][1]["write"] - pair["no_plots"][1]["write"]]
 
 
+def test_probe_benchmark_alternates_the_baseline(tmp_path):
+    """benchmarks/probes.py --baseline runs the other checkout and this one in pairs, each
+    first in turn, and reports their throughput ratio (here the baseline is this checkout
+    again, through a .venv/bin/python of its own)."""
+    base = tmp_path / "base"
+    (base / ".venv" / "bin").mkdir(parents=True)
+    python = base / ".venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    stdout = _script("probes.py", "--model", str(REPO / "tests/models/tiny-gpt2"), "--probe",
+                     str(REPO / "tests/probes/tiny-multi.yaml"), "--no-plots", "--baseline",
+                     str(base), "--pairs", "2")
+    assert "pair 1 (baseline first)" in stdout and "pair 2 (this checkout first)" in stdout
+    assert stdout.count("this checkout: 4 facts") == stdout.count(f"baseline {base}: 4 facts") == 2
+    assert "median throughput ratio over 2 pairs: " in stdout
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_benchmarks_run_on_cuda(tmp_path):
