@@ -64,7 +64,7 @@ from lens.unembed import analysis_dtype, unembed_dtype  # noqa: E402
 from lens.writers import json_bytes, write_atomic  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from benchsupport import build_wide_model, peak_beyond  # noqa: E402
+from benchsupport import build_wide_model, finish, peak_beyond  # noqa: E402
 
 TARGET_RATIO = 1.5
 TARGET_LOAD_S = 5.0
@@ -81,19 +81,13 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _sync() -> None:
-    """Wait for queued CUDA kernels, so that a stage is timed by its work, not its launch."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 @contextlib.contextmanager
 def _timed(times: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        _sync()
+        finish()
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -125,7 +119,7 @@ def floor_run(model: LoadedModel, fact: Fact, config: RunConfig) -> dict[str, fl
             with _timed(times, "top-k"):
                 torch.topk(logp, min(TOPK, logp.shape[-1]), dim=-1)
             del x, logits, logp
-    _sync()
+    finish()
     times["total"] = time.perf_counter() - start
     times["cpu"] = cpu_seconds() - cpu_start
     return times

@@ -58,6 +58,16 @@ def build_wide_model(dest: Path, *, layers: int, d_model: int, vocab: int, heads
     return dest
 
 
+# --- waiting for the device ---------------------------------------------------------------
+
+def finish(device: torch.device | None = None) -> None:
+    """Wait for what CUDA has queued on ``device`` (default: the current one), so that a stage
+    is timed by its work, not its launch: CUDA kernels run asynchronously. Nothing on a CPU."""
+    if (device is None or device.type == "cuda") and torch.cuda.is_available() \
+            and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
+
+
 # --- memory -------------------------------------------------------------------------------
 
 def _status_kb(field: str) -> int:
@@ -84,11 +94,11 @@ def peak_beyond(fn: Callable[[], object], device: torch.device | None = None) ->
     """
     gc.collect()
     if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+        finish(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize(device)
+        finish(device)
         return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
     _malloc_trim()
     try:

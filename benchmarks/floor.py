@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lens
 
 import torch  # noqa: E402
+from benchsupport import finish  # noqa: E402  (benchmarks/, this script's folder)
 
 from lens.config import default_probe  # noqa: E402
 from lens.decode import CHUNK_ELEMENTS  # noqa: E402
@@ -63,12 +64,6 @@ def decode_rows(model, rows: torch.Tensor, norm_of_layer) -> None:  # type: igno
         torch.topk(torch.log_softmax(logits, dim=-1), TOPK, dim=-1)
 
 
-def finish(model) -> None:  # type: ignore[no-untyped-def]
-    """Wait for the model's device to finish what was queued (CUDA runs asynchronously)."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(
         prog="python benchmarks/floor.py",
@@ -87,11 +82,11 @@ def main() -> int:
     t = time.perf_counter()
     with torch.no_grad():
         caps = [capture(model, tokenize(model, ps.prompt())) for ps in passes_for(fact)]
-        finish(model)
+        finish(model.device)
         times["forwards"] = time.perf_counter() - t
         t = time.perf_counter()
         head_logits(model, [tokenize(model, prompt) for prompt in fact.test_prompts])
-        finish(model)
+        finish(model.device)
         times["head_probes"] = time.perf_counter() - t
         t = time.perf_counter()
         # pos/orig at every position; the other passes at their last position only
@@ -99,7 +94,7 @@ def main() -> int:
         decode_rows(model, rows, lambda i: model.norms[i])
         if args.sidecar:
             decode_rows(model, rows, lambda i: model.norms[-1])
-        finish(model)
+        finish(model.device)
         times["decode"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - START
     print(json.dumps({k: round(v, 6) for k, v in times.items()}), flush=True)
